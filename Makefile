@@ -1,0 +1,45 @@
+# Two entry points for a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lab clean sysdeps
+
+setup: $(STAMP)
+
+# torch first, pinned, so pip takes the CPU wheel instead of a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	$(MAKE) sysdeps
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name edgeshard-kit --display-name "edgeshard-kit (.venv)"
+	touch $(STAMP)
+
+# Debian packages the emulated testbed needs (sshd, ip, tc); only when root and missing.
+sysdeps:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
+	  command -v ssh >/dev/null || missing="$$missing openssh-client"; \
+	  command -v ip >/dev/null || missing="$$missing iproute2"; \
+	  command -v tc >/dev/null || missing="$$missing iproute2"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else echo "not root: skipping Debian packages (the emulated testbed needs root)"; fi
+
+demo: setup
+	$(PY) -m edgeshard_kit demo
+
+test: setup
+	$(PY) -m pytest -q
+
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,3 @@
+"""edgeshard-kit: profile, plan, deploy and run Llama shards across edge devices (EdgeShard)."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+"""`python -m edgeshard_kit` runs the `edgeshard` command line."""
+
+from edgeshard_kit.cli import main
+
+raise SystemExit(main())
