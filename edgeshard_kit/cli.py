@@ -23,6 +23,7 @@ COMMAND_MODULES = [
     "edgeshard_kit.worker",
     "edgeshard_kit.pipeline",
     "edgeshard_kit.launch",
+    "edgeshard_kit.ssh",
     "edgeshard_kit.probe",
     "edgeshard_kit.testbed",
     "edgeshard_kit.netns",

@@ -1,0 +1,309 @@
+"""Writes the kit's five notebooks (nbformat v4): linear, a papermill `parameters` cell, logic in the library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import nbformat
+from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+HERE = Path(__file__).resolve().parent
+
+UNITS_MD = r"""
+**The unit convention.** A model with $N$ decoder layers has $N+2$ *units*: unit $0$ is the token
+embedding, units $1..N$ are the decoder layers, unit $N+1$ is the final norm and the `lm_head`
+(Llama2-7B: 34 units). A stage owns a half-open range $[s, e)$ of units; a plan is an ordered list of
+`(device, start, end)` covering $[0, N+2)$ exactly. Unit 0 runs on the *source* device, the one that
+holds the user's prompt.
+"""
+
+DP_MD = r"""
+**The two dynamic programmes** (EdgeShard, §IV). Let $t_{d,u}$ be the time of unit $u$ on device $d$
+(ms), $m_u$ its memory (bytes), $o_u$ the activation bytes it sends on, $\tau_{a\to b}(x)$ the time to
+send $x$ bytes over the link $a\to b$ (latency $+\,8x/\text{Mbps}$), $M_d$ device $d$'s memory budget.
+
+*Latency* (one request, stages run one after another). $L(e, d)$ = least time to finish units
+$[0, e)$ with the last stage $[s, e)$ on device $d$:
+
+$$L(e, d) = \min_{s<e,\ d'} \Big[ L(s, d') + \tau_{d'\to d}(o_{s-1}) \Big] + \sum_{u=s}^{e-1} t_{d,u},
+\qquad \text{s.t. } \sum_{u=s}^{e-1} m_u \le M_d,$$
+
+with $L(e, \text{src}) = \sum_{u<e} t_{\text{src},u}$ for the first stage, and the answer
+$\min_d L(N+2, d) + \tau_{d\to\text{src}}(\text{token})$ (the token goes back to the source).
+
+*Throughput* (micro-batches in a pipeline, every stage busy at once). With $S$ the set of devices
+used so far, $B(e, d, S)$ = least *bottleneck* (slowest stage or link) over plans of $[0, e)$ ending on $d$:
+
+$$B(e, d, S) = \min_{s<e,\ d' \in S} \max\Big( B(s, d', S\setminus\{d\}),\ \tau_{d'\to d}(o_{s-1}),\
+\sum_{u=s}^{e-1} t_{d,u} \Big),$$
+
+and the throughput is $\text{micro-batch size} \times 1000 / B$ tokens per second.
+"""
+
+BUBBLE_MD = r"""
+**What a bubble is.** In the Gantt chart every row is a resource (a device, or a link); a bar is one
+micro-batch being computed (solid) or sent (hatched). A *bubble* is a gap in a row: that resource waits
+for its input. With $P$ stages and $K$ micro-batches a pipeline fills and drains, so each device idles
+for roughly a fraction $\frac{P-1}{K+P-1}$ of the time; more micro-batches shrink the bubbles, and the
+slowest resource (the bottleneck) sets the steady-state rate.
+"""
+
+
+def build(cells: list[tuple[str, str]], title: str) -> nbformat.NotebookNode:
+    """A notebook from ("md" | "params" | "code", source) pairs."""
+    nb = new_notebook()
+    nb.metadata["kernelspec"] = {"name": "edgeshard-kit", "display_name": "edgeshard-kit (.venv)",
+                                 "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    nb.metadata["title"] = title
+    for kind, src in cells:
+        src = src.strip("\n")
+        if kind == "md":
+            nb.cells.append(new_markdown_cell(src))
+        else:
+            cell = new_code_cell(src)
+            if kind == "params":
+                cell.metadata["tags"] = ["parameters"]
+            nb.cells.append(cell)
+    return nb
+
+
+NB01 = [
+    ("md", """
+# 01 · Profile a testbed
+
+EdgeShard's first step: measure what every unit costs on every *device type* (prefill and decode time,
+memory), and measure every *link* (bandwidth, round-trip time). The planner only ever sees these numbers.
+""" + UNITS_MD),
+    ("params", """
+model_path = ""                    # a Hugging Face Llama checkpoint folder; empty: write a tiny random one
+tiny_layers = 4                    # tiny model: decoder layers
+tiny_hidden = 128                  # tiny model: hidden size
+testbed_file = "../testbed/local.yaml"
+repeats = 5                        # timed repeats per figure (median, min, max kept)
+prompt_len = 16                    # tokens timed for prefill
+kv_lens = "16,32"                  # cached tokens at which decode is timed
+probe_bytes = 262144               # bytes per link probe message
+out_dir = ""                       # results folder; empty: a new run folder under results_root
+results_root = "../results"
+"""),
+    ("code", """
+from edgeshard_kit import plots, results, steps
+
+plots.notebook_renderer()
+run = results.new_run("01_profile_testbed", steps.params_of(globals()), root=results_root, out=out_dir or None)
+checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
+testbed = steps.load_testbed(testbed_file)
+run.record(testbed=testbed, checkpoint=str(checkpoint))
+testbed.to_dict()
+"""),
+    ("md", """
+## Per-unit cost on each device type
+Devices of the same type share a profile. Times are medians over the repeats (ms); every row of the CSV is
+one measurement figure, ready for pandas.
+"""),
+    ("code", """
+profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=prompt_len, kv_lens=kv_lens, run=run)
+table = steps.profile_table(profiles)
+run.write_csv("profiles", table)
+table.head(12)
+"""),
+    ("code", """
+prefill = table[table.phase == "prefill"]
+decode = table[(table.phase == "decode") & (table.kv_len == table.kv_len.max())]
+figs = {"prefill_time": plots.per_unit(prefill, y="median_ms", color="device_type", title="prefill time per unit (ms)"),
+        "decode_time": plots.per_unit(decode, y="median_ms", color="device_type", title="decode time per unit (ms)"),
+        "memory": plots.per_unit(prefill, y="param_bytes", color="device_type", title="parameter bytes per unit")}
+for name, fig in figs.items():
+    run.save_figure(name, fig); fig.show()
+"""),
+    ("md", """
+## Links
+Each ordered pair of devices is probed over the kit's own wire: round-trip time of a small message and the
+goodput of `probe_bytes`-byte messages, beside what the inventory declares.
+"""),
+    ("code", """
+links = steps.probe_links(testbed, nbytes=probe_bytes)
+run.write_csv("links", links)
+run.finish()
+links
+"""),
+]
+
+NB02 = [
+    ("md", """
+# 02 · Plan interactively
+
+Move the sliders: every change re-solves the placement problem and redraws the layer-to-device map, the
+predicted per-token latency and throughput beside the baselines, and the pipeline timeline.
+""" + UNITS_MD + DP_MD + BUBBLE_MD),
+    ("params", """
+problem_file = ""            # a problem JSON (edgeshard plan --dump-problem); empty: the paper setting, Llama2-7B
+objective = "throughput"     # latency | throughput
+micro_batches = 4            # micro-batches in flight in the pipeline timeline
+out_dir = ""                 # results folder; empty: a new run folder under results_root
+results_root = "../results"
+"""),
+    ("code", """
+from edgeshard_kit import interactive, plots, results, steps
+
+plots.notebook_renderer()
+run = results.new_run("02_plan_interactive", steps.params_of(globals()), root=results_root, out=out_dir or None)
+problem = interactive.problem_for(problem_file)
+explorer = interactive.PlanExplorer(problem, objective=objective, micro_batches=micro_batches)
+explorer.widget
+"""),
+    ("md", """
+## The first solve, as static figures
+Each change of a control re-solves and redraws in the area under the controls. Widgets need a live kernel;
+these static figures of the first solve also show in exported HTML and in papermill runs.
+"""),
+    ("code", """
+explorer.show_static()
+explorer.save(run)
+run.finish()
+explorer.summary()
+"""),
+]
+
+NB03 = [
+    ("md", """
+# 03 · Deploy a plan and generate
+
+Plan on measured profiles, start one worker per chosen device, stream activations stage to stage over TCP,
+and compare: the tokens against one-device generation (they must be identical), and the measured per-stage
+times against the planner's prediction. With `testbed_file = ""` the testbed is local: three edge processes
+too small to hold the model alone and a cloud process behind a `cloud_mbps` link (shaped in the kit's wire).
+""" + UNITS_MD),
+    ("params", """
+model_path = ""                    # empty: a tiny random checkpoint written into the results folder
+tiny_layers = 4
+tiny_hidden = 128
+testbed_file = ""                  # empty: the built-in local testbed (3 edge processes + cloud)
+cloud_mbps = 20.0                  # built-in testbed: bandwidth of the links to the cloud
+objective = "latency"              # latency | throughput
+prompt = "The edge devices share the model"
+max_new_tokens = 8
+repeats = 3                        # profiling repeats
+out_dir = ""
+results_root = "../results"
+"""),
+    ("code", """
+from edgeshard_kit import experiment as ex, plots, results, steps
+
+plots.notebook_renderer()
+run = results.new_run("03_deploy_and_generate", steps.params_of(globals()), root=results_root, out=out_dir or None)
+checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
+testbed = steps.load_testbed(testbed_file) if testbed_file else ex.bench_testbed(checkpoint, cloud_mbps)
+profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=8, kv_lens="8,16", run=run)
+problem, plan = steps.plan_for(profiles, testbed, objective, gen_tokens=max_new_tokens)
+run.record(testbed=testbed, plan=plan)
+plots.partition_map(plan, devices=testbed.names, n_units=problem.n_units).show()
+"""),
+    ("code", """
+out = steps.deploy_and_generate(checkpoint, testbed, plan, prompt, max_new_tokens, problem=problem)
+run.write_csv("tokens", out["tokens"]); run.write_csv("stage_timing", out["stages"])
+print(repr(out["text"]))
+print("tokens identical to one-device generation:", out["matches_reference"])
+"""),
+    ("md", """
+## Measured against predicted
+One point per stage (compute) and per hop (transfer, including the token's way back to the source),
+averaged over the decode steps; on the dotted line the prediction is exact. The gap is the runtime's own
+cost per hop (framing, loopback TCP, Python), which the per-unit profile does not see.
+"""),
+    ("code", """
+fig = plots.predicted_vs_measured(out["stages"], color="kind", title="per-stage time per decode step (ms)")
+run.save_figure("predicted_vs_measured", fig); run.finish(matches_reference=out["matches_reference"])
+fig.show()
+out["stages"]
+"""),
+]
+
+NB04 = [
+    ("md", """
+# 04 · EdgeShard against the baselines
+
+On a testbed with a *cloud* device behind a shaped link, sweep the cloud link's bandwidth and, at each
+bandwidth, deploy and measure: EdgeShard (latency objective, sequential schedule; throughput objective,
+pipelined schedule), Edge-Solo (everything on the source), Cloud-Edge-Even (half the units on the source,
+half on the cloud), Cloud-Edge-Opt (the best single split between source and cloud) and a
+memory-proportional placement. The planner's predictions sit beside the measurements.
+""" + DP_MD + BUBBLE_MD),
+    ("params", """
+model_path = ""                    # empty: a tiny random checkpoint
+tiny_layers = 6
+tiny_hidden = 128
+testbed_file = ""                  # empty: a built-in local testbed (3 edge processes + cloud, app-level shaping)
+cloud_mbps = "2,20,200"            # cloud link bandwidths swept (Mbps)
+methods = "edgeshard-latency,edgeshard-throughput,edge-solo,cloud-edge-even,cloud-edge-opt,mem-proportional"
+max_new_tokens = 6
+micro_batches = 3
+repeats = 1                        # measured generations per (method, bandwidth)
+out_dir = ""
+results_root = "../results"
+"""),
+    ("code", """
+from edgeshard_kit import experiment as ex, plots, results
+
+plots.notebook_renderer()
+run = results.new_run("04_benchmark_vs_baselines", ex.params_of(globals()), root=results_root, out=out_dir or None)
+exp = ex.run_benchmark(run, model_path=model_path, tiny_layers=tiny_layers, tiny_hidden=tiny_hidden,
+                       testbed_file=testbed_file, cloud_mbps=cloud_mbps, methods=methods,
+                       max_new_tokens=max_new_tokens, micro_batches=micro_batches, repeats=repeats)
+exp.summary
+"""),
+    ("code", """
+for name, fig in exp.figures.items():
+    fig.show()
+"""),
+]
+
+NB05 = [
+    ("md", """
+# 05 · The paper's setting, by simulation
+
+Llama2-7B, 13B and 70B on the paper's 15-device testbed (Jetson Orin NX, Jetson AGX Orin, an RTX 3090
+cloud server), with the paper's measured per-unit times (and the roofline scaling of them for 13B and 70B).
+The planner's predictions for EdgeShard and the baselines, swept over the cloud bandwidth, beside the
+numbers the paper reports. Nothing runs on real hardware here: this is the cost model.
+""" + DP_MD),
+    ("params", """
+models = "llama2-7b,llama2-13b,llama2-70b"
+cloud_mbps = "1,2,5,10,20,50"       # the paper swept 1 to 50 Mbps; its figures are compared at the highest
+out_dir = ""
+results_root = "../results"
+"""),
+    ("code", """
+from edgeshard_kit import experiment as ex, plots, results
+
+plots.notebook_renderer()
+run = results.new_run("05_paper_reproduction", ex.params_of(globals()), root=results_root, out=out_dir or None)
+rep = ex.paper_reproduction(run, models=models, cloud_mbps=cloud_mbps)
+rep.summary
+"""),
+    ("code", """
+for name, fig in rep.figures.items():
+    fig.show()
+"""),
+]
+
+NOTEBOOKS = {
+    "01_profile_testbed.ipynb": (NB01, "Profile a testbed"),
+    "02_plan_interactive.ipynb": (NB02, "Plan interactively"),
+    "03_deploy_and_generate.ipynb": (NB03, "Deploy a plan and generate"),
+    "04_benchmark_vs_baselines.ipynb": (NB04, "EdgeShard against the baselines"),
+    "05_paper_reproduction.ipynb": (NB05, "The paper's setting, by simulation"),
+}
+
+
+def main() -> None:
+    for name, (cells, title) in NOTEBOOKS.items():
+        nb = build(cells, title)
+        nbformat.validate(nb)
+        nbformat.write(nb, HERE / name)
+        print(f"wrote {HERE / name}")
+
+
+if __name__ == "__main__":
+    main()

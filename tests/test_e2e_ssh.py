@@ -1,0 +1,103 @@
+"""End to end on the emulated testbed (root): up, profile over SSH, probe, plan, deploy over SSH, same tokens, down."""
+
+import math
+import os
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import psutil
+import pytest
+
+from edgeshard_kit import netns, probe
+from edgeshard_kit.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.generate import generate_split
+from edgeshard_kit.pipeline import deploy
+from edgeshard_kit.plan import solve
+from edgeshard_kit.problem import Workload, build_problem
+from edgeshard_kit.profile import Profile
+from edgeshard_kit.ssh import SSHLauncher
+from edgeshard_kit.testbed import testbed_from_dict
+
+pytestmark = [
+    pytest.mark.root, pytest.mark.slow,
+    pytest.mark.skipif(os.geteuid() != 0, reason="the emulated testbed needs root (namespaces, cgroups, tc)"),
+    pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"),
+                       reason="openssh-server is not installed (`make sysdeps` as root installs it)"),
+    pytest.mark.skipif(not os.path.exists("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"),
+                       reason="the emulated testbed needs cgroup v1 (cpu, memory) at /sys/fs/cgroup"),
+]
+
+PROMPTS = ["hello world", "the cat sat"]
+NEW = 6
+# Two edge devices and a cloud server behind a slower link; the small memory budgets make the plan use all three.
+TESTBED = {
+    "name": "ese2e",
+    "devices": [
+        {"name": "a", "type": "edge-a", "memory": "40MiB", "source": True, "launch": "ssh",
+         "cpu_quota": 1.0, "mem_limit": "2GiB"},
+        {"name": "b", "type": "edge-b", "memory": "40MiB", "launch": "ssh", "cpu_quota": 1.0, "mem_limit": "2GiB"},
+        {"name": "c", "type": "cloud", "memory": "1GiB", "launch": "ssh", "cloud": True, "mem_limit": "2GiB"},
+    ],
+    "links": {"default": {"mbps": 200, "latency_ms": 0.0},
+              "pairs": [{"src": "a", "dst": "c", "mbps": 40}, {"src": "c", "dst": "a", "mbps": 40}]},
+    "emulation": {"mode": "netns", "subnet": "10.78.32.0/24"},
+}
+
+
+def _profile_over_ssh(tb, dev, ckpt) -> Profile:
+    """`edgeshard profile ... --out -` run by the device's sshd (so inside its namespace and cgroups)."""
+    ssh = netns.resolve_ssh(tb, dev)
+    argv = [ssh["python"], "-m", "edgeshard_kit", "profile", "--model", str(ckpt), "--device-type", dev.type,
+            "--prompt-len", "8", "--kv-lens", "8,16", "--repeats", "2", "--warmup", "1", "--threads", "1",
+            "--out", "-", "--quiet"]
+    return Profile.from_dict(SSHLauncher(dev, **ssh).run_json(argv, timeout=300), where=f"profile of {dev.name}")
+
+
+def _leftovers(tb) -> list[str]:
+    names = [n for n in os.listdir("/run/netns") if n.startswith(f"es-{tb.name}-")] if os.path.isdir("/run/netns") else []
+    marker = str(netns.state_root() / tb.name)
+    procs = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
+    cgroups = [c for c in ("cpu", "memory") if os.path.exists(f"/sys/fs/cgroup/{c}/{netns.CGROUP_DIR}/{tb.name}")]
+    bridge = [netns.bridge_name(tb)] if os.path.exists(f"/sys/class/net/{netns.bridge_name(tb)}") else []
+    return names + [f"pid {p}" for p in procs] + cgroups + bridge
+
+
+def test_emulated_testbed_end_to_end(tmp_path):
+    tb = testbed_from_dict(TESTBED, "test_e2e_ssh")
+    ckpt = write_tiny_checkpoint(tmp_path / "m", layers=4, seed=3)
+    netns.testbed_down(tb)  # a previous crashed run
+    t0 = time.perf_counter()
+    netns.testbed_up(tb)
+    took = {"up": time.perf_counter() - t0}
+    try:
+        # Profile every device over SSH, in parallel: the profile says which host measured it.
+        with ThreadPoolExecutor(len(tb.devices)) as ex:
+            profs = list(ex.map(lambda d: _profile_over_ssh(tb, d, ckpt), tb.devices))
+        took["profile"] = time.perf_counter() - t0 - sum(took.values())
+        assert [p.device_type for p in profs] == [d.type for d in tb.devices]
+        assert all(p.n_units == 6 and all(u.prefill_ms > 0 for u in p.units) for p in profs)
+
+        # Probe every ordered link over the kit's wire: the kernel's shaping shows within 15%.
+        links = probe.probe_testbed(tb, sizes=(1 << 20,), repeats=2, launch_opts=netns.launch_opts(tb))["links"]
+        took["probe"] = time.perf_counter() - t0 - sum(took.values())
+        print("probed links:", links["pairs"])
+        assert len(links["pairs"]) == 6
+        for p in links["pairs"]:
+            want = tb.link(p["src"], p["dst"]).mbps
+            assert math.isfinite(p["mbps"]) and abs(p["mbps"] - want) / want < 0.15, (p, want)
+
+        # Plan on the measured profiles and the inventory; deploy over SSH; tokens equal one device's.
+        problem = build_problem({p.device_type: p for p in profs}, tb, Workload(prompt_len=8, gen_tokens=NEW))
+        plan = solve(problem, "latency")
+        assert {s.device for s in plan.stages} >= {"a"} and len(plan.stages) >= 2, plan.stages
+        with deploy(plan, tb, ckpt, problem=problem, launch_opts=netns.launch_opts(tb), fault_timeout=120.0) as dep:
+            hosts = {h.device: h.host for h in dep.handles}
+            assert all(hosts[d] == netns.addresses(tb)[d] for d in hosts)  # each worker in its namespace
+            got = dep.generate(PROMPTS, max_new_tokens=NEW)
+        want = generate_split(ckpt, None, prompts=PROMPTS, max_new_tokens=NEW).tokens
+        assert got.tokens == want
+        took["deploy+generate"] = time.perf_counter() - t0 - sum(took.values())
+    finally:
+        netns.testbed_down(tb)
+    print("seconds per phase:", {k: round(v, 1) for k, v in took.items()}, "plan:", plan.stages)
+    assert _leftovers(tb) == []

@@ -1,0 +1,84 @@
+"""The notebooks: valid, linear, papermill-parameterised, short cells; all five execute with small parameters."""
+
+import ast
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from edgeshard_kit import notebooks
+from edgeshard_kit.units import KitError
+
+NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
+
+
+@pytest.mark.parametrize("name", list(notebooks.NOTEBOOKS.values()))
+def test_notebook_is_valid_linear_and_parameterised(name):
+    nb = nbformat.read(NB_DIR / name, as_version=4)
+    nbformat.validate(nb)
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    params = [c for c in code if "parameters" in c.metadata.get("tags", [])]
+    assert len(params) == 1 and code[0] is params[0], "the first code cell is the one parameters cell"
+    tree = ast.parse(params[0].source)
+    for stmt in tree.body:  # flat literals only, so papermill can override them
+        assert isinstance(stmt, ast.Assign) and isinstance(stmt.value, ast.Constant), ast.unparse(stmt)
+    assert "out_dir" in notebooks.declared_parameters(NB_DIR / name)
+    for c in code:
+        assert not c.outputs and c.execution_count is None, "notebooks are stored without outputs"
+        logic = [ln for ln in c.source.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        assert c is params[0] or len(logic) <= 10, f"cell over 10 lines of logic:\n{c.source}"
+    assert any(c.cell_type == "markdown" for c in nb.cells)
+
+
+def test_notebooks_match_their_generator(tmp_path):
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("build_notebooks", NB_DIR / "build_notebooks.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    for name, (cells, title) in mod.NOTEBOOKS.items():
+        built = mod.build(cells, title)
+        stored = nbformat.read(NB_DIR / name, as_version=4)
+        assert [c.source for c in built.cells] == [c.source for c in stored.cells], f"re-run build_notebooks.py ({name})"
+
+
+def test_select_and_params(tmp_path):
+    assert notebooks.select("2,05") == ["02", "05"]
+    with pytest.raises(KitError, match="unknown notebook"):
+        notebooks.select("07")
+    f = tmp_path / "p.yaml"
+    f.write_text("max_new_tokens: 4\n'02': {objective: latency}\n")
+    assert notebooks.load_params(f) == {"*": {"max_new_tokens": 4}, "02": {"objective": "latency"}}
+    with pytest.raises(KitError, match="no parameter"):
+        notebooks.run_notebooks(out=tmp_path / "r", params={"02": {"nosuch": 1}}, only="02")
+
+
+SMALL = {
+    "*": {"tiny_layers": 2, "tiny_hidden": 64, "repeats": 2},
+    "01": {"kv_lens": "8", "prompt_len": 8, "probe_bytes": 65536},
+    "03": {"max_new_tokens": 4},
+    "04": {"cloud_mbps": "5,500", "max_new_tokens": 3, "micro_batches": 2, "repeats": 1},
+    "05": {"models": "llama2-7b,llama2-70b", "cloud_mbps": "10,100"},
+}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_all_notebooks_execute(tmp_path):
+    out = notebooks.run_notebooks(out=tmp_path / "nbrun", params=SMALL)
+    for stem in (Path(n).stem for n in notebooks.NOTEBOOKS.values()):
+        nb = nbformat.read(out / stem / f"{stem}.ipynb", as_version=4)
+        assert any(o.get("output_type") == "display_data" or o.get("data") for c in nb.cells
+                   if c.cell_type == "code" for o in c.outputs), f"{stem} shows nothing"
+        assert (out / stem / "manifest.json").is_file()
+    cols = lambda stem, csv: set(pd.read_csv(out / stem / f"{csv}.csv").columns)  # noqa: E731
+    assert {"device_type", "unit", "phase", "median_ms"} <= cols("01_profile_testbed", "profiles")
+    assert {"src", "dst", "rtt_ms"} <= cols("01_profile_testbed", "links")
+    assert {"method", "latency_ms", "throughput_tps"} <= cols("02_plan_interactive", "methods")
+    tokens = pd.read_csv(out / "03_deploy_and_generate" / "tokens.csv")
+    assert (tokens["token"] == tokens["reference_token"]).all()
+    assert {"kind", "predicted_ms", "measured_ms"} <= cols("03_deploy_and_generate", "stage_timing")
+    bench = pd.read_csv(out / "04_benchmark_vs_baselines" / "measurements.csv")
+    assert {"method", "cloud_mbps", "source", "latency_ms", "throughput_tps", "status"} <= set(bench.columns)
+    assert bench[bench.status == "ok"]["tokens_match"].all()
+    assert {"model", "method", "cloud_mbps", "latency_ms"} <= cols("05_paper_reproduction", "sweep")

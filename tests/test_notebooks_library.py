@@ -1,0 +1,60 @@
+"""The notebooks' library: the planner explorer's edits and solves, the experiment's helpers."""
+
+import math
+
+import pytest
+
+from edgeshard_kit import experiment, interactive
+from edgeshard_kit.units import KitError
+
+
+@pytest.fixture(scope="module")
+def paper():
+    return interactive.problem_for("")
+
+
+def test_edit_problem_switches_devices_memory_and_links(paper):
+    src = paper.devices[paper.source].name
+    off = {paper.devices[-1].name}
+    p = interactive.edit_problem(paper, off, {src: 1.5}, {"default": 5.0})
+    assert len(p.devices) == len(paper.devices) - 1 and not (off & set(p.names))
+    assert p.devices[p.source].memory_bytes == 1.5e9 and p.default_link.mbps == 5.0
+    assert all(a not in off and b not in off for a, b, _ in p.pairs)
+    with pytest.raises(KitError, match="source"):
+        interactive.edit_problem(paper, {src})
+
+
+def test_explorer_builds_headless_and_resolves(paper):
+    ex = interactive.PlanExplorer(paper, objective="latency", micro_batches=2)
+    assert ex.result["plan"] is not None and set(ex.figures()) == {"partition", "methods", "timeline"}
+    ex.objective.value = "throughput"  # a change re-solves
+    assert ex.result["plan"].objective == "throughput"
+    table = ex.summary()
+    assert {"EdgeShard-latency", "Edge-Solo", "Cloud-Edge-Opt"} <= set(table.method)
+    ok = table[table.status == "ok"]
+    assert ok.latency_ms.min() == pytest.approx(ok[ok.method == "EdgeShard-latency"].latency_ms.iloc[0])
+
+
+def test_experiment_helpers():
+    assert experiment.parse_list("2, 20,200") == [2.0, 20.0, 200.0]
+    assert experiment.pick_methods("edgeshard-latency,mem-proportional") == ["EdgeShard-latency",
+                                                                             "Memory-Proportional"]
+    with pytest.raises(KitError, match="method"):
+        experiment.pick_methods("nosuch")
+
+
+def test_with_cloud_mbps_reshapes_only_cloud_links(tmp_path):
+    from edgeshard_kit.testbed import testbed_from_dict
+    tb = testbed_from_dict({"name": "t", "devices": [
+        {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
+        {"name": "e1", "type": "a", "memory": "1GiB"},
+        {"name": "c", "type": "b", "memory": "4GiB", "cloud": True}],
+        "links": {"default": {"mbps": 100}, "pairs": [{"src": "e0", "dst": "c", "mbps": 20, "latency_ms": 1.0}]}})
+    t2 = experiment.with_cloud_mbps(tb, 5)
+    assert t2.link("e0", "c").mbps == 5 and t2.link("c", "e1").mbps == 5 and t2.link("e0", "c").latency_ms == 1.0
+    assert t2.link("e0", "e1").mbps == 100
+    no_cloud = testbed_from_dict({"name": "n", "devices": [{"name": "e0", "type": "a", "memory": "1GiB",
+                                                            "source": True}]})
+    with pytest.raises(KitError, match="cloud"):
+        experiment.with_cloud_mbps(no_cloud, 5)
+    assert math.isfinite(t2.link("e1", "c").mbps)

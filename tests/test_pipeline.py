@@ -1,0 +1,143 @@
+"""Distributed generation equals transformers generate on one device, for every mode, schedule and plan."""
+
+import psutil
+import pytest
+import torch
+
+from edgeshard_kit.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.pipeline import deploy
+from edgeshard_kit.plan import Plan
+from edgeshard_kit import testbed as tbmod
+from edgeshard_kit.units import KitError, Stage
+
+PROMPTS = ["hello world", "a b c", "the cat sat", "x"]
+NEW = 6
+
+
+def _testbed(n: int, links: dict | None = None):
+    devs = [{"name": f"d{i}", "type": "cpu", "memory": "1GiB", "source": i == 0} for i in range(n)]
+    return tbmod.testbed_from_dict({"name": "t", "devices": devs, **({"links": links} if links else {})})
+
+
+def _plan(*stages):
+    return Plan("latency", tuple(Stage(*s) for s in stages), 0.0, 0.0, 0.0)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", layers=4, seed=1)
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt):
+    """Greedy tokens of transformers' own generate on one device, the padded batch at once."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from edgeshard_kit.generate import encode_prompts
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids, mask = encode_prompts(tok, PROMPTS)
+    model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, min_new_tokens=NEW,
+                         do_sample=False, pad_token_id=tok.pad_token_id or 0)
+    return out[:, ids.shape[1]:].tolist()
+
+
+def _children_pids(dep):
+    return [h.pid for h in dep.handles]
+
+
+@pytest.fixture(scope="module")
+def two_workers(ckpt):
+    """Two workers; the head (last unit) runs on the worker that is not the source."""
+    dep = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), _testbed(2), ckpt)
+    yield dep
+    dep.close()
+
+
+@pytest.fixture(scope="module")
+def three_workers_head_on_source(ckpt):
+    """Three workers; the head runs on the source device again (its own worker there)."""
+    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 4), ("d0", 4, 6)), _testbed(2), ckpt)
+    yield dep
+    dep.close()
+
+
+RUNS = [("sequential", 1, "no-bubbles"), ("pipelined", 2, "bubbles"), ("pipelined", 2, "no-bubbles"),
+        ("pipelined", 4, "no-bubbles")]
+
+
+@pytest.mark.parametrize("mode,k,schedule", RUNS)
+def test_two_workers_equal_transformers(two_workers, reference, mode, k, schedule):
+    r = two_workers.generate(PROMPTS, NEW, mode=mode, micro_batches=k, schedule=schedule)
+    assert r.tokens == reference
+    assert len(r.text) == len(PROMPTS)
+    assert len(r.per_token) == k * NEW
+    assert {rec["stage"] for rec in r.per_stage} == {0, 1}
+    assert len(r.per_stage) == 2 * k * NEW
+    assert all(rec["compute_ms"] > 0 and rec["bytes_in"] > 0 for rec in r.per_stage)
+    assert r.summary["tokens_per_s"] > 0 and r.summary["micro_batches"] == k
+
+
+@pytest.mark.parametrize("mode,k,schedule", RUNS[:3])
+def test_three_workers_head_on_source_equal_transformers(three_workers_head_on_source, reference, mode, k, schedule):
+    r = three_workers_head_on_source.generate(PROMPTS, NEW, mode=mode, micro_batches=k, schedule=schedule)
+    assert r.tokens == reference
+    assert [s["device"] for s in r.stages] == ["d0", "d1", "d0"]
+    assert all(s["load_s"] > 0 and s["rss_bytes"] > 0 for s in r.stages)
+
+
+def test_sampling_is_reproducible_with_a_seed(two_workers):
+    a = two_workers.generate(PROMPTS[:2], NEW, temperature=1.0, top_p=0.9, seed=7)
+    b = two_workers.generate(PROMPTS[:2], NEW, temperature=1.0, top_p=0.9, seed=7)
+    assert a.tokens == b.tokens
+
+
+def test_sampling_matches_the_local_split(two_workers, ckpt):
+    from edgeshard_kit.generate import generate_split
+
+    r = two_workers.generate(PROMPTS[:2], NEW, temperature=0.8, seed=3)
+    ref = generate_split(ckpt, prompts=PROMPTS[:2], max_new_tokens=NEW, temperature=0.8, seed=3)
+    assert r.tokens == ref.tokens
+
+
+def test_token_ids_and_bad_arguments(two_workers, reference, ckpt):
+    from edgeshard_kit.checkpoint import load_tokenizer
+    from edgeshard_kit.generate import encode_prompts
+
+    ids, mask = encode_prompts(load_tokenizer(ckpt), PROMPTS)
+    r = two_workers.generate(ids, NEW, attention_mask=mask, mode="pipelined", micro_batches=2)
+    assert r.tokens == reference and r.text == []
+    with pytest.raises(KitError, match="micro_batches"):
+        two_workers.generate(PROMPTS, 2, mode="pipelined", micro_batches=5)
+    with pytest.raises(KitError, match="mode"):
+        two_workers.generate(PROMPTS, 2, mode="parallel")
+
+
+def test_records_are_dataframe_ready(two_workers):
+    r = two_workers.generate(PROMPTS, 3, mode="pipelined", micro_batches=2)
+    frames = r.frames()
+    assert set(frames["per_stage"].columns) >= {"stage", "mb", "step", "compute_ms", "send_ms", "recv_ms",
+                                                 "wait_ms", "bytes_in", "bytes_out"}
+    assert len(frames["per_token"]) == 6
+    assert r.prediction  # the plan's own figures when no problem is given
+
+
+def test_close_leaves_no_worker(ckpt):
+    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 6)), _testbed(2), ckpt)
+    pids = _children_pids(dep)
+    with dep:
+        assert dep.generate(["hi"], 2).tokens
+    for pid in pids:
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    with pytest.raises(KitError, match="closed"):
+        dep.generate(["hi"], 2)
+
+
+def test_deploy_rejects_bad_plans(ckpt, tmp_path):
+    with pytest.raises(KitError, match="source"):
+        deploy(_plan(("d1", 0, 3), ("d0", 3, 6)), _testbed(2), ckpt)
+    with pytest.raises(KitError, match="unknown device"):
+        deploy(_plan(("d0", 0, 3), ("zz", 3, 6)), _testbed(2), ckpt)
+    with pytest.raises(KitError, match="not a directory"):
+        deploy(_plan(("d0", 0, 6)), _testbed(2), tmp_path / "nope")

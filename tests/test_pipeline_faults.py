@@ -1,0 +1,99 @@
+"""Faults: a worker killed (SIGKILL) or frozen (SIGSTOP) mid-generation gives a clear error and leaves no process."""
+
+import os
+import signal
+import threading
+import time
+
+import psutil
+import pytest
+
+from edgeshard_kit.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.pipeline import PipelineError, deploy
+from edgeshard_kit.plan import Plan
+from edgeshard_kit import testbed as tbmod
+from edgeshard_kit.units import Stage
+
+BOUND_S = 10.0  # the documented bound: the coordinator names the failed stage within this many seconds
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", layers=2, hidden=64, intermediate=128,
+                                 heads=4, kv_heads=2, vocab=320, seed=2)
+
+
+def _deploy(ckpt):
+    tb = tbmod.testbed_from_dict({"name": "t", "devices": [
+        {"name": "d0", "type": "cpu", "memory": "1GiB", "source": True},
+        {"name": "d1", "type": "cpu", "memory": "1GiB"},
+        {"name": "d2", "type": "cpu", "memory": "1GiB"}]})
+    plan = Plan("latency", (Stage("d0", 0, 2), Stage("d1", 2, 3), Stage("d2", 3, 4)), 0.0, 0.0, 0.0)
+    return deploy(plan, tb, ckpt)
+
+
+def _gone(pids):
+    return all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig,words", [(signal.SIGKILL, "died"), (signal.SIGSTOP, "stopped answering")])
+def test_worker_fault_mid_generation(ckpt, sig, words):
+    dep = _deploy(ckpt)
+    pids = [h.pid for h in dep.handles]
+    victim = dep.handles[1]
+    hit = {}
+
+    def strike():
+        hit["t"] = time.monotonic()
+        os.kill(victim.pid, sig)
+
+    timer = threading.Timer(1.5, strike)
+    timer.start()
+    try:
+        with pytest.raises(PipelineError) as err:
+            dep.generate([[5, 6, 7]], max_new_tokens=1900)  # long enough to be cut off mid-generation
+    finally:
+        timer.cancel()
+        dep.close()
+    raised = time.monotonic()
+    msg = str(err.value)
+    assert "stage 1" in msg and "device d1" in msg and f"{victim.host}:{victim.port}" in msg and words in msg
+    assert raised - hit["t"] <= BOUND_S
+    assert dep.closed
+    deadline = time.monotonic() + 10
+    while not _gone(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pids), "a worker process of the deployment is still running"
+
+
+COORDINATOR = """
+import sys, time
+sys.path.insert(0, {tests!r})
+from test_pipeline_faults import _deploy
+dep = _deploy({ckpt!r})
+print(" ".join(str(h.pid) for h in dep.handles), flush=True)
+time.sleep(120)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_no_worker_outlives_its_coordinator(ckpt, sig):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = COORDINATOR.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)
+        proc.send_signal(sig)  # SIGTERM: atexit + handler stop the workers; SIGKILL: workers see their control EOF
+        proc.wait(30)
+    finally:
+        proc.kill()
+    deadline = time.monotonic() + 15
+    while not _gone(pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _gone(pids)

@@ -1,0 +1,108 @@
+"""The planner's DPs and relay search agree with exhaustive search on random small problems."""
+
+from __future__ import annotations
+
+import itertools
+import random
+
+import pytest
+
+from edgeshard_kit import dp
+from edgeshard_kit.plan import figures, problem_from_dict
+from edgeshard_kit.units import Stage
+
+
+def random_problem(rng: random.Random, n_units: int, n_dev: int, tight: bool) -> dict:
+    """A random problem; `tight` gives memories near the model size (often infeasible)."""
+    units = [{"name": f"u{i}", "mem_bytes": rng.randint(1, 5), "out_bytes": rng.choice([0, 1000, 4000, 20000])}
+             for i in range(n_units)]
+    total = sum(u["mem_bytes"] for u in units)
+    kinds = [[round(rng.uniform(0.1, 5), 2) for _ in range(n_units)] for _ in range(2)]
+    devices = []
+    for d in range(n_dev):
+        ms = rng.choice(kinds) if rng.random() < 0.5 else [round(rng.uniform(0.1, 5), 2) for _ in range(n_units)]
+        cap = rng.randint(max(1, total // (n_dev + 1)), total // 2 + 3) if tight else rng.randint(total // 2, total + 2)
+        devices.append({"name": f"d{d}", "memory_bytes": cap, "source": d == 0, "unit_ms": ms})
+    pairs = []
+    for a, b in itertools.permutations(range(n_dev), 2):
+        if rng.random() < 0.4:
+            pairs.append({"src": f"d{a}", "dst": f"d{b}", "mbps": rng.choice([1, 10, 100, None]),
+                          "latency_ms": rng.choice([0, 0.5, 2.0])})
+    return {"units": units, "devices": devices, "links": {"default": {"mbps": 50, "latency_ms": 0.2}, "pairs": pairs},
+            "return_bytes": rng.choice([4, 4000])}
+
+
+def all_plans(problem, relay: bool):
+    """Every stage list: compositions of the units x device sequences starting at the source."""
+    n, names = problem.n_units, problem.names
+    src = names[problem.source]
+    for k in range(1, n + 1):
+        for cuts in itertools.combinations(range(1, n), k - 1):
+            bounds = (0,) + cuts + (n,)
+            seqs = itertools.product(names, repeat=k - 1)
+            for rest in seqs:
+                devs = (src,) + rest
+                if relay:
+                    if any(devs[i] == devs[i + 1] for i in range(k - 1)):
+                        continue
+                elif len(set(devs)) < k:
+                    continue
+                yield [Stage(devs[i], bounds[i], bounds[i + 1]) for i in range(k)]
+
+
+def brute(problem, objective: str, relay: bool):
+    best = None
+    key = "latency_ms" if objective == "latency" else "bottleneck_ms"
+    for stages in all_plans(problem, relay):
+        f = figures(problem, stages)
+        if f["feasible"] and (best is None or f[key] < best):
+            best = f[key]
+    return best
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("relay", [False, True])
+def test_agrees_with_brute_force(objective, relay):
+    rng = random.Random(hash((objective, relay)) % 1000)
+    key = "latency_ms" if objective == "latency" else "bottleneck_ms"
+    infeasible = 0
+    for i in range(300):
+        n_units = rng.randint(1, 6)
+        n_dev = rng.randint(1, 4)
+        d = random_problem(rng, n_units, n_dev, tight=i % 2 == 0)
+        if i % 3 == 0:  # identical devices (the source among them half the time): exercises the type merge
+            first = 0 if i % 2 else min(1, n_dev - 1)
+            for dev in d["devices"][first:]:
+                dev["unit_ms"], dev["memory_bytes"] = d["devices"][-1]["unit_ms"], d["devices"][-1]["memory_bytes"]
+            d["links"]["pairs"] = []
+        problem = problem_from_dict(d)
+        want = brute(problem, objective, relay)
+        stages = dp.solve_stages(problem, objective, relay=relay)
+        if want is None:
+            infeasible += 1
+            assert stages is None, (i, stages)
+            continue
+        assert stages is not None, i
+        f = figures(problem, stages)
+        assert f["feasible"], (i, f["reason"])
+        if not relay:
+            assert len({s.device for s in stages}) == len(stages)
+        assert f[key] == pytest.approx(want, rel=1e-9, abs=1e-9), (i, stages)
+    assert infeasible > 10  # the tight half really exercises infeasibility
+
+
+def test_frontier_agrees_with_brute_force():
+    from edgeshard_kit.baselines import latency_bottleneck_frontier
+
+    rng = random.Random(7)
+    for i in range(80):
+        problem = problem_from_dict(random_problem(rng, rng.randint(1, 5), rng.randint(1, 4), tight=i % 2 == 0))
+        pts = []
+        for stages in all_plans(problem, relay=False):
+            f = figures(problem, stages)
+            if f["feasible"]:
+                pts.append((round(f["latency_ms"], 9), round(f["bottleneck_ms"], 9)))
+        want = sorted({(lat, b) for lat, b in pts
+                       if not any(l2 <= lat and b2 <= b and (l2, b2) != (lat, b) for l2, b2 in pts)})
+        got = [(round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in latency_bottleneck_frontier(problem)]
+        assert got == want, i

@@ -1,0 +1,99 @@
+"""The worker process: survives garbage and bad tokens, reports a missing model path, exits with its coordinator."""
+
+import socket
+
+import psutil
+import pytest
+
+from edgeshard_kit import wire
+from edgeshard_kit.launch import LocalLauncher, launcher_for, new_token, worker_command
+from edgeshard_kit.testbed import Device
+from edgeshard_kit.units import KitError
+
+DEV = Device(name="w0", type="cpu", memory_bytes=1 << 30)
+
+
+@pytest.fixture(scope="module")
+def worker():
+    token = new_token()
+    h = LocalLauncher().start(DEV, token)
+    yield h, token
+    h.stop()
+    assert not h.alive()
+
+
+def _raw(h, data: bytes) -> None:
+    s = socket.create_connection((h.host, h.port), timeout=5)
+    s.sendall(data)
+    s.close()
+
+
+def test_worker_command_and_launcher_for():
+    argv = worker_command("python3", 0, "/tmp/tok", bind="127.0.0.1")
+    assert argv == ["python3", "-m", "edgeshard_kit.worker", "--port", "0", "--token-file", "/tmp/tok",
+                    "--bind", "127.0.0.1"]
+    assert isinstance(launcher_for(DEV), LocalLauncher)
+
+
+def test_worker_survives_garbage_wrong_token_and_truncation(worker):
+    h, token = worker
+    _raw(h, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")  # garbage
+    _raw(h, wire.encode_frame("hello", nonce="zz", role="client")[:10])  # truncated frame, then EOF
+    with pytest.raises(wire.AuthError):
+        wire.connect(h.host, h.port, new_token(), timeout=5)  # wrong token
+    _raw(h, wire.PREFIX.pack(wire.MAGIC, 1 << 30, 0))  # an absurd header length
+    c = wire.connect(h.host, h.port, token, timeout=5)  # a good connection still works
+    c.send("role", role="probe")
+    c.send("ping")
+    assert c.recv().kind == "probe_ack"
+    c.close()
+    assert h.alive()
+    assert "dropped connection" in h.log_tail()
+    assert token.hex() not in h.log_tail(1000)  # the token is never logged
+
+
+def test_missing_model_path_names_host_and_path(worker):
+    h, token = worker
+    c = wire.connect(h.host, h.port, token, timeout=5)
+    c.send("role", role="control")
+    c.send("config", stage=0, model_path="/no/such/model", start=0, end=2, dtype="float32", device="cpu")
+    f = c.recv()
+    assert f.kind == "error"
+    assert "/no/such/model" in f["message"] and socket.gethostname() in f["message"]
+    c.send("shutdown")
+    assert c.recv().kind == "bye"
+    c.close()
+
+
+def test_worker_exits_when_its_coordinator_disconnects():
+    token = new_token()
+    h = LocalLauncher().start(DEV, token)
+    try:
+        c = wire.connect(h.host, h.port, token, timeout=5)
+        c.send("role", role="control")
+        c.send("ping", t=1.0)
+        assert c.recv().kind == "pong"
+        c.close()
+        h.proc.wait(20)
+        assert not h.alive()
+    finally:
+        h.stop()
+    assert not psutil.pid_exists(h.pid) or psutil.Process(h.pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_launcher_reports_a_worker_that_cannot_start(tmp_path):
+    bad = tmp_path / "python"
+    bad.write_text("#!/bin/sh\necho 'no such module' >&2\nexit 3\n")
+    bad.chmod(0o755)
+    with pytest.raises(KitError, match="w0 did not start listening"):
+        LocalLauncher(python=str(bad)).start(DEV, new_token())
+
+
+def test_local_worker_pinned_to_its_cpus():
+    dev = Device(name="pin", type="cpu", memory_bytes=1 << 30, cpus=(0,))
+    h = LocalLauncher().start(dev, new_token())
+    try:
+        assert psutil.Process(h.pid).cpu_affinity() == [0]
+    finally:
+        h.stop()
+    assert not h.alive()
