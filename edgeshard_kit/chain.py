@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import queue
 import time
 from pathlib import Path
@@ -126,12 +125,10 @@ def connect_stages(dep: "Deployment", device_map: dict, threads: Any, load_timeo
         dev = tb.device(s.device)
         last = i + 1 == len(stages)
         n_threads = threads.get(s.device) if isinstance(threads, dict) else threads
-        if n_threads is None and getattr(dev, "cpus", None):
-            n_threads = len(dev.cpus)
-        if n_threads is None and dev.launch == "local":
-            # Local workers share this machine's cores: oversubscribed torch threads spin and slow all down.
-            n_local = sum(1 for t in stages if tb.device(t.device).launch == "local")
-            n_threads = max(1, (os.cpu_count() or 1) // n_local)
+        if n_threads is None:
+            # the device's rule (testbed.Device.threads), which its profile was measured with: local
+            # workers share this machine's cores (oversubscribed torch threads spin and slow all down)
+            n_threads = dev.threads()
         path = dev.model_path or str(Path(dep.checkpoint).resolve())
         conn.send("config", stage=i, device_name=s.device, model_path=path, start=s.start, end=s.end,
                   dtype=dep.dtype, device=device_map.get(s.device, "cpu"), threads=n_threads,

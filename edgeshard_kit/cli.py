@@ -18,14 +18,11 @@ COMMAND_MODULES = [
     "edgeshard_kit.profile",
     "edgeshard_kit.analytic",
     "edgeshard_kit.plan",
-    "edgeshard_kit.problem",
     "edgeshard_kit.reproduce",
     "edgeshard_kit.worker",
     "edgeshard_kit.pipeline",
-    "edgeshard_kit.launch",
     "edgeshard_kit.ssh",
     "edgeshard_kit.probe",
-    "edgeshard_kit.testbed",
     "edgeshard_kit.netns",
     "edgeshard_kit.results",
     "edgeshard_kit.notebooks",
@@ -41,12 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks that print figures and write CSVs under results/")
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
     for name in COMMAND_MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as e:
-            if e.name == name:  # module not written (yet): its commands are simply absent
-                continue
-            raise
+        mod = importlib.import_module(name)
         if hasattr(mod, "add_commands"):
             mod.add_commands(sub)
         if hasattr(mod, "add_bench_commands"):

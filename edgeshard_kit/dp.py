@@ -34,7 +34,7 @@ def device_types(problem) -> list[list[int]]:
 
     def swappable(a: int, b: int) -> bool:
         da, db = problem.devices[a], problem.devices[b]
-        if da.unit_ms != db.unit_ms or da.memory_bytes != db.memory_bytes:
+        if da.unit_ms != db.unit_ms or da.memory_bytes != db.memory_bytes or da.stage_ms != db.stage_ms:
             return False
         others = [x for x in range(m) if x not in (a, b)]
         return (np.array_equal(lat[a, others], lat[b, others]) and np.array_equal(lat[others, a], lat[others, b])
@@ -71,12 +71,13 @@ class _Tables:
             self.P[t, 1:] = np.cumsum(problem.devices[i].unit_ms)
         self.Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
         self.mem = np.array([problem.devices[i].memory_bytes for i in rep])
+        self.O = np.array([problem.devices[i].stage_ms for i in rep])  # fixed cost of a stage on type t
         # lo[t, e]: the smallest start s such that units [s, e) fit type t's memory (and the cap)
         self.lo = np.zeros((T, N + 1), dtype=int)
         for t in range(T):
             lo = np.searchsorted(self.Q, self.Q - self.mem[t] * (1 + 1e-12) - 1e-6, side="left")
             if math.isfinite(cap_ms):
-                lo = np.maximum(lo, np.searchsorted(self.P[t], self.P[t] - cap_ms - _EPS, side="left"))
+                lo = np.maximum(lo, np.searchsorted(self.P[t], self.P[t] - (cap_ms - self.O[t]) - _EPS, side="left"))
             self.lo[t] = lo
         names = problem.names
         out = np.array([0.0] + [u.out_bytes for u in problem.units])  # out[s] = bytes into a stage at s
@@ -116,7 +117,7 @@ def _default_dp(problem, objective: str, cap_ms: float):
     s0 = tb.stride[0]
     for e in range(1, N + 1):  # the first stage: the source, units [0, e)
         if tb.lo[0, e] == 0:
-            D[e, 0, s0] = P[0, e]
+            D[e, 0, s0] = P[0, e] + tb.O[0]
     lat = objective == "latency"
     for e in range(1, N + 1):
         for t in range(T):
@@ -125,9 +126,9 @@ def _default_dp(problem, objective: str, cap_ms: float):
                 continue
             W = A[lo:e, t, :]
             if not lat:
-                W = np.maximum(W, (P[t, e] - P[t, lo:e])[:, None])
+                W = np.maximum(W, (P[t, e] - P[t, lo:e] + tb.O[t])[:, None])
             k = W.argmin(axis=0)
-            v = W[k, np.arange(S)] + (P[t, e] if lat else 0.0)
+            v = W[k, np.arange(S)] + (P[t, e] + tb.O[t] if lat else 0.0)
             st = tb.stride[t]
             cand, cur = v[: S - st], D[e, t, st:]
             better = cand < cur
@@ -143,7 +144,7 @@ def _default_dp(problem, objective: str, cap_ms: float):
     if not np.isfinite(final).any():
         return None
     t, c = np.unravel_index(int(np.argmin(final)), final.shape)
-    best = float(final[t, c])
+    best = float(final[t, c]) + (problem.step_ms if lat else 0.0)
     # walk back: (end, type, counts) -> stages with types; then give each type's devices in order
     typed, e = [], N
     while True:

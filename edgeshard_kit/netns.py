@@ -19,7 +19,8 @@ from edgeshard_kit.units import KitError
 PREFIX = "es"                        # namespaces es-<testbed>-<device>; interfaces esbr*/esv*
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_DIR = "edgeshard-kit"         # cgroups /sys/fs/cgroup/{cpu,memory,cpuset}/edgeshard-kit/<testbed>/<device>
-CFS_PERIOD_US = 100_000              # cpu.cfs_quota_us = cpu_quota * this period
+CFS_PERIOD_US = 10_000               # cpu.cfs_quota_us = cpu_quota * this period; a short period spreads the
+                                     # throttling finely, so a quota of 0.5 acts like a CPU at half speed
 UNSHAPED_RATE = "10gbit"             # htb class for traffic that no link shapes (coordinator on the bridge, ARP)
 
 
@@ -220,6 +221,16 @@ def testbed_up(tb: Testbed) -> TestbedState:
                          key=str(sdir / sshd.CLIENT_KEY), known_hosts=str(known), ssh_config=str(cfg))
     (sdir / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
     return state
+
+
+def reshape(tb: Testbed) -> None:
+    """Apply `tb`'s link rates to the testbed that is up under its name (a bandwidth sweep without down/up)."""
+    _need_root("reshape")
+    state = load_state(tb)
+    if state is None:
+        raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+    for dev in tb.devices:
+        _shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
 
 def load_state(tb: Testbed) -> TestbedState | None:

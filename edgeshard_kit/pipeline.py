@@ -235,6 +235,14 @@ def _summarise(per_token: list[dict], rows: int, steps: int, wall_s: float, mode
             if steps > 1 and first and wall_s > max(first) / 1e3 else None}
 
 
+def default_launch_opts(testbed: Any) -> dict:
+    """How to reach the testbed's devices when the caller says nothing: an emulated (netns) testbed's SSH options."""
+    if getattr(testbed, "emulation", "app") == "netns":
+        from edgeshard_kit import netns
+        return netns.launch_opts(testbed)  # KitError when the testbed is not up
+    return {}
+
+
 def deploy(plan: Any, testbed: Any, checkpoint: str | Path, dtype: str = "float32",
            device_map: dict[str, str] | None = None, problem: Any = None, launch_opts: dict | None = None,
            threads: dict[str, int] | int | None = None, fault_timeout: float = FAULT_TIMEOUT_S,
@@ -254,7 +262,7 @@ def deploy(plan: Any, testbed: Any, checkpoint: str | Path, dtype: str = "float3
         raise KitError(f"checkpoint {checkpoint} is not a directory")
     _install_hooks()
     token = new_token()
-    opts = launch_opts or {}
+    opts = default_launch_opts(testbed) if launch_opts is None else launch_opts
 
     def start(s: Stage) -> WorkerHandle:
         dev = testbed.device(s.device)

@@ -45,13 +45,19 @@ class Unit:
 
 @dataclass(frozen=True)
 class DeviceSpec:
-    """A device of the problem: memory budget (bytes), per-unit time (ms per step), source / cloud flags."""
+    """A device of the problem: memory budget (bytes), per-unit time (ms per step), source / cloud flags.
+
+    `stage_ms` is the fixed cost of one stage on this device per step, whatever units it holds: the
+    runtime's framework work around the layers and its handling of the incoming and outgoing message
+    (measured by `overheads.calibrate_runtime`; 0 in the paper's model).
+    """
 
     name: str
     memory_bytes: float
     unit_ms: tuple[float, ...]
     source: bool = False
     cloud: bool = False
+    stage_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,7 @@ class Problem:
     return_bytes: float = 4.0
     micro_batch_size: int = 1  # sequences per micro-batch: tokens/s = this * 1000 / bottleneck
     meta: dict = field(default_factory=dict, compare=False, hash=False)
+    step_ms: float = 0.0  # fixed per-token cost outside the stages (the coordinator's round trip); latency only
 
     @property
     def n_units(self) -> int:
@@ -114,11 +121,12 @@ class Problem:
         return {
             "units": [{"name": u.name, "mem_bytes": u.mem_bytes, "out_bytes": u.out_bytes} for u in self.units],
             "devices": [{"name": d.name, "memory_bytes": d.memory_bytes, "source": d.source, "cloud": d.cloud,
-                         "unit_ms": list(d.unit_ms)} for d in self.devices],
+                         "unit_ms": list(d.unit_ms), "stage_ms": d.stage_ms} for d in self.devices],
             "links": {"default": self.default_link.to_dict(),
                       "pairs": [{"src": a, "dst": b, **ln.to_dict()} for a, b, ln in self.pairs]},
             "return_bytes": self.return_bytes,
             "micro_batch_size": self.micro_batch_size,
+            "step_ms": self.step_ms,
             "meta": self.meta,
         }
 
@@ -168,7 +176,8 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
             raise KitError(f"{w}.unit_ms has {len(ms)} entries, units has {len(units)}")
         devices.append(DeviceSpec(name, _num(dev.get("memory_bytes"), f"{w}.memory_bytes"),
                                   tuple(_num(x, f"{w}.unit_ms[{j}]") for j, x in enumerate(ms)),
-                                  bool(dev.get("source", False)), bool(dev.get("cloud", False))))
+                                  bool(dev.get("source", False)), bool(dev.get("cloud", False)),
+                                  _num(dev.get("stage_ms", 0.0), f"{w}.stage_ms")))
     sources = [x.name for x in devices if x.source]
     if len(sources) != 1:
         raise KitError(f"{where}.devices: exactly one source device needed, found "
@@ -187,7 +196,8 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
         pairs.append((str(p["src"]), str(p["dst"]), _link_from(p, w)))
     mbs = _num(d.get("micro_batch_size", 1), f"{where}.micro_batch_size", minimum=1)
     return Problem(tuple(units), tuple(devices), default, tuple(pairs),
-                   _num(d.get("return_bytes", 4), f"{where}.return_bytes"), int(mbs), dict(d.get("meta", {}) or {}))
+                   _num(d.get("return_bytes", 4), f"{where}.return_bytes"), int(mbs), dict(d.get("meta", {}) or {}),
+                   _num(d.get("step_ms", 0.0), f"{where}.step_ms"))
 
 
 def load_problem(path: str | Path) -> Problem:
@@ -221,7 +231,7 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
     comp, trans, mem, load, link_load = [], [], {}, {}, {}
     for i, s in enumerate(stages):
         dev = problem.devices[idx[s.device]]
-        c = sum(dev.unit_ms[s.start:s.end])
+        c = sum(dev.unit_ms[s.start:s.end]) + dev.stage_ms
         comp.append(c)
         mem[s.device] = mem.get(s.device, 0.0) + sum(u.mem_bytes for u in problem.units[s.start:s.end])
         load[s.device] = load.get(s.device, 0.0) + c  # a device is one resource, its stages summed
@@ -236,7 +246,7 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
     if stages[0].device != src:
         over.insert(0, f"unit 0 must run on the source {src}, not {stages[0].device}")
     bottleneck = max(list(load.values()) + list(link_load.values()))
-    return {"latency_ms": sum(comp) + sum(trans), "bottleneck_ms": bottleneck,
+    return {"latency_ms": sum(comp) + sum(trans) + problem.step_ms, "bottleneck_ms": bottleneck,
             "throughput_per_s": problem.micro_batch_size * 1000.0 / bottleneck if bottleneck > 0 else math.inf,
             "stage_compute_ms": comp, "stage_transfer_ms": trans, "memory_bytes": mem,
             "device_load_ms": load, "link_load_ms": {f"{a}->{b}": v for (a, b), v in link_load.items()},

@@ -56,8 +56,9 @@ def probe_testbed(testbed: Any, sizes: tuple[int, ...] = DEFAULT_SIZES, repeats:
     names = devices or testbed.names
     if len(names) < 2:
         raise KitError("probing needs at least two devices")
+    from edgeshard_kit.pipeline import default_launch_opts
     token = new_token()
-    opts = launch_opts or {}
+    opts = default_launch_opts(testbed) if launch_opts is None else launch_opts
     handles: list[WorkerHandle] = []
     conns: list[wire.Connection] = []
     try:

@@ -47,9 +47,16 @@ def _unit_ms(profile: Any, workload: Workload) -> list[float]:
     return [sum(r[u] for r in rows) / len(rows) for u in range(len(rows[0]))]
 
 
-def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | None = None) -> Problem:
-    """The planning problem of `testbed` running the model of `profiles` (one per device type) on `workload`."""
+def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | None = None,
+                  runtime: dict | None = None) -> Problem:
+    """The planning problem of `testbed` running the model of `profiles` (one per device type) on `workload`.
+
+    `runtime` ({"stage_ms": {device type: ms}, "step_ms": ms}, from overheads.calibrate_runtime) adds the
+    runtime's fixed costs per stage and per token; without it the model is the paper's.
+    """
     workload = workload or Workload()
+    runtime = runtime or {}
+    stage_ms = runtime.get("stage_ms", {}) or {}
     if not profiles:
         raise KitError("build_problem: no profiles given")
     ref = next(iter(profiles.values()))
@@ -72,7 +79,7 @@ def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | N
             raise KitError(f"testbed device {d.name!r} is of type {d.type!r}, but no profile is given for it "
                            f"(profiles: {', '.join(profiles)})")
         devices.append(DeviceSpec(d.name, float(d.memory_bytes), tuple(_unit_ms(profiles[d.type], workload)),
-                                  bool(d.source), bool(getattr(d, "cloud", False))))
+                                  bool(d.source), bool(getattr(d, "cloud", False)), float(stage_ms.get(d.type, 0.0))))
     names = [d.name for d in testbed.devices]
     dl = testbed.default
     default = LinkSpec(dl.mbps, dl.latency_ms)
@@ -86,7 +93,9 @@ def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | N
     ret = float(outb[-1]) / pb * mbs if workload.return_bytes is None else float(workload.return_bytes)
     meta = {"model": getattr(ref, "model", ""), "workload": workload.to_dict(),
             "testbed": getattr(testbed, "name", ""), "profiles": {k: getattr(p, "model", "") for k, p in profiles.items()}}
-    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta)
+    if runtime:
+        meta["runtime_overheads"] = {"stage_ms": dict(stage_ms), "step_ms": float(runtime.get("step_ms", 0.0))}
+    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, float(runtime.get("step_ms", 0.0)))
     from edgeshard_kit.plan import problem_from_dict
 
     problem_from_dict(problem.to_dict())  # the same checks as a problem file (one source, lengths)

@@ -41,7 +41,7 @@ def _relay_bound(problem, objective: str, cap_ms: float) -> np.ndarray:
                     continue
                 es = np.arange(u + 1, N + 1)
                 ok = (Q[es] - Q[u] <= problem.devices[d2].memory_bytes * (1 + 1e-12) + 1e-6)
-                comp = P[d2, es] - P[d2, u]
+                comp = P[d2, es] - P[d2, u] + problem.devices[d2].stage_ms
                 ok &= comp <= cap_ms + _EPS
                 if not ok.any():
                     continue
@@ -67,7 +67,8 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
     src = problem.source
     lat = objective == "latency"
     incumbent = _default_dp(problem, objective, cap_ms)
-    ub = incumbent[0] * (1 - 1e-12) if incumbent else math.inf
+    step = problem.step_ms if lat else 0.0  # a constant of every plan: kept out of g, added at the end
+    ub = (incumbent[0] - step) * (1 - 1e-12) if incumbent else math.inf
     cap_bound = _capacity_bound(problem, objective)
     heap: list = []
     seen: dict = {}
@@ -88,8 +89,9 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
         heapq.heappush(heap, (f, counter, u, last, mem, loads, links, g, stages, u == N))
         counter += 1
 
+    stage_ms = [d.stage_ms for d in problem.devices]
     for e in range(1, N + 1):
-        c = P[src][e]
+        c = P[src][e] + stage_ms[src]
         if Q[e] <= memcap[src] and c <= cap_ms + _EPS:
             mem = tuple(Q[e] if i == src else 0.0 for i in range(M))
             loads = tuple(c if i == src else 0.0 for i in range(M))
@@ -98,7 +100,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
     while heap:
         f, _, u, last, mem, loads, links, g, stages, bounded = heapq.heappop(heap)
         if u == N:
-            return f, [Stage(names[d], s, e) for d, s, e in stages]
+            return f + step, [Stage(names[d], s, e) for d, s, e in stages]
         if not bounded:  # lazily tighten with the memory/capacity bound, then queue again
             f2 = max(f, cap_bound(u, mem, loads, g))
             if f2 >= ub:
@@ -130,7 +132,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
                 m = mem[d] + Q[e] - Q[u]
                 if m > memcap[d]:
                     break
-                c = P[d][e] - P[d][u]
+                c = P[d][e] - P[d][u] + stage_ms[d]
                 if c > cap_ms + _EPS:
                     break
                 new_loads = loads[:d] + (loads[d] + c,) + loads[d + 1:]

@@ -31,6 +31,8 @@ def timeline(problem: Problem, plan: Plan, micro_batches: int = 1, tokens: int =
         nxt = plan.stages[i + 1].device if i + 1 < len(plan.stages) else src
         if nxt != s.device:
             chain.append((f"{s.device}->{nxt}", "transfer", i, f["stage_transfer_ms"][i]))
+    if problem.step_ms > 0:  # the coordinator takes the token and feeds the next step: one more resource
+        chain.append(("coordinator", "step", len(plan.stages), problem.step_ms))
     free: dict[str, float] = {}
     records: list[dict] = []
     heap: list = [(0.0, m, 0, 0) for m in range(micro_batches)]  # (ready_ms, micro_batch, token, task)

@@ -52,14 +52,18 @@ def profile_testbed(checkpoint: str | Path, testbed, repeats: int = 5, prompt_le
             continue
         if dev.launch == "local":
             prof = measure_profile(checkpoint, prompt_len=prompt_len, kv_lens=kvs, repeats=repeats, warmup=warmup,
-                                   device_type=dev.type, progress=False, threads=1)
+                                   device_type=dev.type, progress=False, threads=dev.threads() or 1)
         else:  # measured where it runs: the profile JSON comes back on stdout
-            from edgeshard_kit.ssh import run_json
+            from edgeshard_kit.netns import resolve_ssh
+            from edgeshard_kit.ssh import SSHLauncher
             argv = [dev.python, "-m", "edgeshard_kit", "profile", "--model", _device_checkpoint(dev, checkpoint),
                     "--device-type", dev.type, "--prompt-len", str(prompt_len), "--kv-lens",
                     ",".join(map(str, kvs)), "--repeats", str(repeats), "--warmup", str(warmup),
-                    "--threads", "1", "--out", "-", "--quiet"]
-            prof = Profile.from_dict(run_json(dev, argv), where=f"profile from {dev.name}")
+                    "--out", "-", "--quiet"] + (["--threads", str(dev.threads())] if dev.threads() else [])
+            ssh = resolve_ssh(testbed, dev)  # netns testbed: its address, key and known_hosts
+            argv[0] = ssh["python"] or dev.python
+            prof = Profile.from_dict(SSHLauncher(dev, **ssh).run_json(argv, timeout=600),
+                                     where=f"profile from {dev.name}")
         out[dev.type] = prof
         if run is not None:
             save_profile(prof, run.path / f"profile-{dev.type}.json")
@@ -89,12 +93,15 @@ def probe_links(testbed, nbytes: int = 262144, repeats: int = 3) -> list[dict]:
     return rows
 
 
-def build_problem(profiles: dict, testbed, prompt_len: int = 8, gen_tokens: int = 8):
-    """The planning problem of these profiles on this testbed (decode cost averaged over the generated tokens)."""
+def build_problem(profiles: dict, testbed, prompt_len: int = 8, gen_tokens: int = 8, runtime: dict | None = None):
+    """The planning problem of these profiles on this testbed (decode cost averaged over the generated tokens).
+
+    `runtime`: the runtime's fixed costs per stage and per token (overheads.calibrate_runtime), if measured.
+    """
     from edgeshard_kit.problem import Workload
     from edgeshard_kit.problem import build_problem as _build
     # The runtime samples on the last stage and sends back token ids (int64): 8 bytes, not the logits.
-    return _build(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=gen_tokens, return_bytes=8))
+    return _build(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=gen_tokens, return_bytes=8), runtime)
 
 
 def plan_for(profiles: dict, testbed, objective: str = "latency", prompt_len: int = 8, gen_tokens: int = 8):

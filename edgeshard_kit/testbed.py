@@ -100,6 +100,18 @@ class Device:
     cloud: bool = False                 # a cloud server rather than an edge device (plots, docs)
     address: str | None = None          # netns: this device's address inside the kit's subnet
 
+    def threads(self) -> int | None:
+        """Torch threads for this device's profile and workers (the same for both, so profiles predict runs).
+
+        Pinned: one per CPU; CPU quota: whole cores of it (at least 1); local processes share this
+        machine's cores, so 1; otherwise None (torch's default on that host).
+        """
+        if self.cpus:
+            return len(self.cpus)
+        if self.cpu_quota is not None:
+            return max(1, int(self.cpu_quota))
+        return 1 if self.launch == "local" else None
+
     def to_dict(self) -> dict:
         """The YAML/JSON form (sizes written as "4GiB"; fields at their default left out)."""
         out: dict[str, Any] = {"name": self.name, "type": self.type, "memory": format_size(self.memory_bytes)}

@@ -274,8 +274,14 @@ def _add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
 
 
+# A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
+# switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
+SWITCH_INTERVAL_S = 0.0002
+
+
 def _run(args: argparse.Namespace) -> int:
     token = read_token_file(args.token_file)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     Worker(token, args.bind, args.port).serve()
     return 0
 

@@ -34,3 +34,14 @@ def test_cli_entry_points():
 def test_ci_runs_make_test():
     text = (ROOT / ".ci" / "run").read_text()
     assert "make test" in text and "|| true" not in text
+
+
+def test_every_command_module_registers_commands():
+    import importlib
+
+    from edgeshard_kit.cli import COMMAND_MODULES, build_parser
+
+    for name in COMMAND_MODULES:
+        mod = importlib.import_module(name)
+        assert hasattr(mod, "add_commands") or hasattr(mod, "add_bench_commands"), name
+    build_parser()  # every module imports and registers without error

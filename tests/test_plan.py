@@ -256,3 +256,27 @@ def test_solve_for_few_micro_batches_prefers_short_pipelines():
         cycle = max(got.latency_ms, k * got.bottleneck_ms)
         for other in latency_bottleneck_frontier(p):
             assert cycle <= max(other.latency_ms, k * other.bottleneck_ms) + 1e-9
+
+
+def test_stage_and_step_overheads_are_in_the_cost_model():
+    """A fixed cost per stage makes splitting dearer; the per-token step cost is a constant of latency."""
+    from edgeshard_kit.plan import figures, problem_from_dict, solve
+    from edgeshard_kit.schedule import evaluate
+    from edgeshard_kit.units import Stage
+
+    d = {"units": [{"mem_bytes": 1, "out_bytes": 0}] * 3,
+         "devices": [{"name": "a", "memory_bytes": 10, "source": True, "unit_ms": [1, 4, 4], "stage_ms": 0.5},
+                     {"name": "b", "memory_bytes": 10, "unit_ms": [1, 1, 1], "stage_ms": 0.5}],
+         "links": {"default": {"mbps": None, "latency_ms": 0.0}}, "step_ms": 2.0}
+    p = problem_from_dict(d)
+    f = figures(p, [Stage("a", 0, 1), Stage("b", 1, 3)])
+    assert f["stage_compute_ms"] == [1.5, 2.5]
+    assert f["latency_ms"] == 1.5 + 2.5 + 2.0
+    assert solve(p, "latency").stages == (Stage("a", 0, 1), Stage("b", 1, 3))
+    d["devices"][1]["stage_ms"] = 7.0  # a stage on b now costs more than running everything on a
+    p = problem_from_dict(d)
+    plan = solve(p, "latency")
+    assert plan.stages == (Stage("a", 0, 3),) and plan.latency_ms == 9.5 + 2.0
+    assert problem_from_dict(p.to_dict()) == p  # the fields survive the problem file
+    ev = evaluate(p, plan, micro_batches=1, tokens=4)
+    assert ev["latency_ms"] == plan.latency_ms

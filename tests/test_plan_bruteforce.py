@@ -23,13 +23,15 @@ def random_problem(rng: random.Random, n_units: int, n_dev: int, tight: bool) ->
         ms = rng.choice(kinds) if rng.random() < 0.5 else [round(rng.uniform(0.1, 5), 2) for _ in range(n_units)]
         cap = rng.randint(max(1, total // (n_dev + 1)), total // 2 + 3) if tight else rng.randint(total // 2, total + 2)
         devices.append({"name": f"d{d}", "memory_bytes": cap, "source": d == 0, "unit_ms": ms})
+        if rng.random() < 0.5:  # the runtime's fixed cost per stage (calibrated overheads)
+            devices[-1]["stage_ms"] = rng.choice([0.0, 0.3, 1.5])
     pairs = []
     for a, b in itertools.permutations(range(n_dev), 2):
         if rng.random() < 0.4:
             pairs.append({"src": f"d{a}", "dst": f"d{b}", "mbps": rng.choice([1, 10, 100, None]),
                           "latency_ms": rng.choice([0, 0.5, 2.0])})
     return {"units": units, "devices": devices, "links": {"default": {"mbps": 50, "latency_ms": 0.2}, "pairs": pairs},
-            "return_bytes": rng.choice([4, 4000])}
+            "return_bytes": rng.choice([4, 4000]), "step_ms": rng.choice([0.0, 0.0, 0.7])}
 
 
 def all_plans(problem, relay: bool):
@@ -74,6 +76,7 @@ def test_agrees_with_brute_force(objective, relay):
             first = 0 if i % 2 else min(1, n_dev - 1)
             for dev in d["devices"][first:]:
                 dev["unit_ms"], dev["memory_bytes"] = d["devices"][-1]["unit_ms"], d["devices"][-1]["memory_bytes"]
+                dev["stage_ms"] = d["devices"][-1].get("stage_ms", 0.0)
             d["links"]["pairs"] = []
         problem = problem_from_dict(d)
         want = brute(problem, objective, relay)
