@@ -28,6 +28,7 @@ COMMAND_MODULES = [
     "edgeshard_kit.notebooks",
     "edgeshard_kit.demo",
     "edgeshard_kit.bench",
+    "edgeshard_kit.overheads",
 ]
 
 

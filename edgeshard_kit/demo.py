@@ -1,4 +1,4 @@
-"""`edgeshard demo`: make a tiny checkpoint if needed, generate with it split over 3 stages, check it against one stage."""
+"""`edgeshard demo`: the full experiment (experiment.demo); `--split-only`: a local 3-stage split checked against one stage."""
 
 from __future__ import annotations
 
@@ -43,16 +43,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         return 0 if run_demo(args.model, args.max_new_tokens) else 1
     from edgeshard_kit.experiment import demo  # the full experiment: profile, plan, deploy, benchmark
 
-    demo(root=args.root, cloud_mbps=args.cloud_mbps)
+    demo(root=args.root, cloud_mbps=args.cloud_mbps, testbed=args.testbed)
     return 0
 
 
 def add_commands(sub) -> None:
     """Register `edgeshard demo`."""
-    p = sub.add_parser("demo", help="tiny checkpoint + 3-stage split generation, checked against one stage")
+    p = sub.add_parser("demo", help="the full experiment on a tiny checkpoint: testbed up, profile, plan, deploy, "
+                                     "benchmark vs baselines, results folder")
     p.add_argument("--model", default=str(DEMO_MODEL), help=f"checkpoint directory (created if missing; default {DEMO_MODEL})")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate with --split-only (default 16)")
     p.add_argument("--split-only", action="store_true", help="only the local 3-stage split check (no experiment)")
     p.add_argument("--root", default="results", help="where the experiment's run folder goes (default results)")
     p.add_argument("--cloud-mbps", default="2,20,200", help="cloud link bandwidths swept (default 2,20,200)")
+    p.add_argument("--testbed", default="auto", choices=["auto", "emulated", "local"],
+                   help="auto (default): the emulated testbed when root with sshd and cgroup v1, else local")
     p.set_defaults(func=_cmd_demo)

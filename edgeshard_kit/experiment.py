@@ -91,6 +91,50 @@ def with_cloud_mbps(testbed, cloud_mbps: float):
     return testbed_from_dict(d, f"{testbed.name} at {cloud_mbps:g} Mbps")
 
 
+def scale_memory(testbed, checkpoint: str | Path, source_share: float = 0.45):
+    """The testbed with every memory budget scaled by one factor, so that the source holds `source_share` of the model.
+
+    A testbed file describes its devices for real models; a tiny checkpoint fits anywhere, and then there is
+    nothing to plan. Scaling every budget alike keeps the file's proportions between devices.
+    """
+    from edgeshard_kit.testbed import testbed_from_dict
+    if not 0 < source_share:
+        raise KitError(f"memory share must be > 0 (got {source_share})")
+    factor = source_share * model_bytes(checkpoint) / testbed.source.memory_bytes
+    d = testbed.to_dict()
+    for dev in d["devices"]:
+        dev["memory"] = int(testbed.device(dev["name"]).memory_bytes * factor)
+    return testbed_from_dict(d, f"{testbed.name} (memory x{factor:.3g})")
+
+
+def sweep_testbed(base):
+    """mbps -> `base` with its cloud links at mbps; on an emulated testbed that is up, tc is re-shaped to match."""
+    def at(mbps: float):
+        tb = with_cloud_mbps(base, mbps)
+        if tb.emulation == "netns":
+            from edgeshard_kit import netns
+            netns.reshape(tb)
+        return tb
+    return at
+
+
+def default_testbed(checkpoint: str | Path, cloud_mbps: float, prefer: str = "auto"):
+    """(testbed, why): testbed/emulated.yaml (memory scaled to the model) when this host can emulate, else local.
+
+    `prefer`: "auto", "emulated" (KitError when the host cannot) or "local" (bench_testbed: app-level shaping).
+    """
+    from edgeshard_kit import netns
+    why = netns.unavailable()
+    if prefer == "emulated" and why:
+        raise KitError(f"emulated testbed requested: {why}")
+    if prefer == "local" or why:
+        return bench_testbed(checkpoint, cloud_mbps), why or "local testbed requested"
+    path = Path(__file__).resolve().parent.parent / "testbed" / "emulated.yaml"
+    if not path.is_file():
+        raise KitError(f"{path}: the emulated testbed file is missing (it ships with the repository)")
+    return scale_memory(steps.load_testbed(path), checkpoint), f"emulated ({path})"
+
+
 def _measure(checkpoint, testbed, problem, plan, name: str, micro_batches: int, max_new_tokens: int,
              repeats: int, reference: list[int]) -> list[dict]:
     """Deploy one plan and measure: sequential per-token latency, pipelined tokens/s under both schedules."""
@@ -127,17 +171,41 @@ def _predicted(problem, plan, name: str, micro_batches: int, tokens: int) -> lis
     return rows
 
 
+def _paper_model_plans(paper, plans: dict, methods: list[str]) -> dict:
+    """EdgeShard's own choice under the paper's model, where it differs from the calibrated choice."""
+    out = {}
+    for name, plan in steps.method_plans(paper).items():
+        if not name.startswith("EdgeShard") or name not in methods or isinstance(plan, Exception) or not plan.feasible:
+            continue
+        mine = plans.get(name)
+        if isinstance(mine, Exception) or not mine.feasible or tuple(mine.stages) != tuple(plan.stages):
+            out[f"{name} (paper's model)"] = plan
+    return out
+
+
 def sweep(checkpoint, testbed_at, profiles: dict, bandwidths: list[float], methods: list[str], micro_batches: int,
-          max_new_tokens: int, repeats: int, log=print) -> list[dict]:
-    """Every method at every cloud bandwidth: predicted rows, and measured rows from real deployments."""
+          max_new_tokens: int, repeats: int, log=print, runtime: dict | None = None) -> list[dict]:
+    """Every method at every cloud bandwidth: predicted rows, and measured rows from real deployments.
+
+    With `runtime` (overheads.calibrate_runtime) the planner works with the runtime's fixed costs; every plan
+    then also gets a "predicted-paper" row (the paper's model: layers + transfers only) for the same stages, and
+    where EdgeShard's choice under the paper's model differs, that plan is deployed too, as "<method> (paper's model)".
+    """
+    from edgeshard_kit.plan import make_plan
     reference = steps.reference_tokens(checkpoint, [PROMPT], max_new_tokens)[0]
     rows = []
     for mbps in bandwidths:
         testbed = testbed_at(mbps)
-        problem = steps.build_problem(profiles, testbed, prompt_len=8, gen_tokens=max_new_tokens)
+        problem = steps.build_problem(profiles, testbed, prompt_len=8, gen_tokens=max_new_tokens, runtime=runtime)
+        paper = steps.build_problem(profiles, testbed, prompt_len=8, gen_tokens=max_new_tokens) if runtime else None
         plans = steps.method_plans(problem)
+        names = list(methods)
+        if paper is not None:
+            extra = _paper_model_plans(paper, plans, methods)
+            plans.update({k: make_plan(problem, p.stages, p.objective, p.relay, k) for k, p in extra.items()})
+            names += list(extra)
         measured: dict[tuple, list[dict]] = {}  # identical stage lists are deployed once
-        for name in methods:
+        for name in names:
             plan = plans[name]
             if isinstance(plan, Exception) or not plan.feasible:
                 reason = str(plan) if isinstance(plan, Exception) else plan.reason
@@ -148,6 +216,10 @@ def sweep(checkpoint, testbed_at, profiles: dict, bandwidths: list[float], metho
                 log(f"  {mbps:>7g} Mbps  {name:<22} {status}: {reason}")
                 continue
             rows += [{**r, "cloud_mbps": mbps} for r in _predicted(problem, plan, name, micro_batches, max_new_tokens)]
+            if paper is not None:
+                same = make_plan(paper, plan.stages, plan.objective, plan.relay, name)
+                rows += [{**r, "cloud_mbps": mbps, "source": "predicted-paper"}
+                         for r in _predicted(paper, same, name, micro_batches, max_new_tokens)]
             key = tuple(plan.stages)
             t0 = time.perf_counter()
             if key not in measured:
@@ -200,27 +272,59 @@ def summary_table(df):
     return out.round(2)
 
 
-def run_benchmark(run, model_path: str = "", tiny_layers: int = 6, tiny_hidden: int = 128, testbed_file: str = "",
+def run_benchmark(run, model_path: str = "", tiny_layers: int = 6, tiny_hidden: int = 128, testbed_file: Any = "",
                   cloud_mbps: Any = "2,20,200", methods: Any = ",".join(ALL_METHODS), max_new_tokens: int = 6,
-                  micro_batches: int = 3, repeats: int = 1, profile_repeats: int = 3, log=print) -> Outcome:
-    """Profile, plan every method at every cloud bandwidth, deploy and measure; CSVs and figures into `run`."""
-    import pandas as pd
+                  micro_batches: int = 3, repeats: int = 1, profile_repeats: int = 3, calibrate: bool = True,
+                  memory_share: float = 0.0, log=print) -> Outcome:
+    """Profile, calibrate the runtime's fixed costs, plan every method at every cloud bandwidth, deploy and measure.
+
+    `testbed_file`: a testbed YAML path or a Testbed ("" = the built-in local testbed, bench_testbed). An emulated
+    (netns) testbed is brought up for the run if it is not up, and down afterwards. `memory_share` > 0 scales every
+    device's memory budget so that the source holds that share of the model (scale_memory). `calibrate`: measure
+    the per-stage and per-token fixed costs (overheads.calibrate_runtime) and plan with them; the paper's model's
+    predictions of the same plans are kept beside them ("predicted-paper" rows). CSVs and figures go into `run`.
+    """
+    from edgeshard_kit import netns
+
     checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
     bandwidths, chosen = parse_list(cloud_mbps), pick_methods(methods)
     if testbed_file:
-        base = steps.load_testbed(testbed_file)
-        testbed_at = lambda mbps: with_cloud_mbps(base, mbps)  # noqa: E731
+        base = steps.load_testbed(testbed_file) if isinstance(testbed_file, (str, Path)) else testbed_file
+        if memory_share > 0:
+            base = scale_memory(base, checkpoint, memory_share)
+        testbed_at = sweep_testbed(base)
     else:
+        base = bench_testbed(checkpoint, bandwidths[0])
         testbed_at = lambda mbps: bench_testbed(checkpoint, mbps)  # noqa: E731
+    with netns.session(base):
+        return _run_benchmark(run, checkpoint, testbed_at, bandwidths, chosen, max_new_tokens, micro_batches,
+                              repeats, profile_repeats, calibrate, log)
+
+
+def _run_benchmark(run, checkpoint, testbed_at, bandwidths, chosen, max_new_tokens, micro_batches, repeats,
+                   profile_repeats, calibrate, log) -> Outcome:
+    import pandas as pd
+
+    from edgeshard_kit.overheads import calibrate_runtime
     first = testbed_at(bandwidths[0])
     run.record(testbed=first, seeds={"tiny_model": 0, "sampling": "greedy"}, checkpoint=str(checkpoint))
     log(f"profiling {checkpoint} on {first.name} ...")
     profiles = steps.profile_testbed(checkpoint, first, repeats=profile_repeats, prompt_len=8,
                                      kv_lens=f"8,{8 + max_new_tokens}", run=run)
     run.write_csv("profiles", steps.profile_table(profiles))
+    runtime = None
+    if calibrate:
+        top = max(bandwidths)  # the fastest cloud link: the least of the measured excess is link time
+        log(f"calibrating the runtime's fixed costs per stage and per token (cloud link {top:g} Mbps) ...")
+        runtime = calibrate_runtime(checkpoint, testbed_at(top), profiles, tokens=max(8, 2 * max_new_tokens),
+                                    log=log)
+        run.write_csv("runtime_overheads", runtime["records"])
+        run.record(runtime_overheads={k: runtime[k] for k in ("stage_ms", "step_ms", "raw", "method")})
+        log(f"  stage_ms {', '.join(f'{t} {v:.3f}' for t, v in runtime['stage_ms'].items())}; "
+            f"step_ms {runtime['step_ms']:.3f}")
     log(f"sweeping {len(chosen)} methods over cloud bandwidths {bandwidths} Mbps ...")
     df = pd.DataFrame(sweep(checkpoint, testbed_at, profiles, bandwidths, chosen, micro_batches, max_new_tokens,
-                            repeats, log))
+                            repeats, log, runtime=runtime))
     run.write_csv("measurements", df)
     figs = figures(df)
     for name, fig in figs.items():
@@ -231,6 +335,25 @@ def run_benchmark(run, model_path: str = "", tiny_layers: int = 6, tiny_hidden: 
     run.finish(tokens_match=bool(ok["tokens_match"].all()) if len(ok) else None,
                measured_runs=int(len(ok)), bandwidths=bandwidths, methods=chosen)
     return Outcome(run.path, {"measurements": df, "summary": table}, figs, table)
+
+
+def prediction_table(df):
+    """Per (bandwidth, method, schedule): median measured beside the kit's prediction and the paper model's, with ratios.
+
+    Sequential rows compare per-token latency (ms); no-bubbles rows compare pipelined throughput (tokens/s).
+    """
+    import pandas as pd
+    ok = df[(df.status == "ok") & df.schedule.isin(["sequential", "no-bubbles"])].copy()
+    ok["value"] = ok.latency_ms.where(ok.schedule == "sequential", ok.throughput_tps)
+    t = ok.pivot_table(index=["cloud_mbps", "method", "schedule"], columns="source", values="value",
+                       aggfunc="median").reset_index()
+    t.columns.name = None
+    t.insert(3, "metric", t.schedule.map({"sequential": "latency_ms", "no-bubbles": "throughput_tps"}))
+    for src in ("predicted", "predicted-paper"):
+        if src in t:
+            t[f"measured_over_{src.replace('-', '_')}"] = t["measured"] / t[src]
+    stages = df[df.source == "measured"].drop_duplicates(["cloud_mbps", "method"])[["cloud_mbps", "method", "stages"]]
+    return pd.merge(t, stages, on=["cloud_mbps", "method"], how="left")
 
 
 # ---- the paper's setting, by simulation (notebook 05) ------------------------------------------------------
@@ -298,18 +421,30 @@ def paper_reproduction(run, models: Any = "llama2-7b,llama2-13b,llama2-70b", clo
 
 
 # ---- `make demo` ---------------------------------------------------------------------------------------------
-def demo(root: str | Path = "results", cloud_mbps: Any = "2,20,200", max_new_tokens: int = 6, layers: int = 4) -> Path:
-    """The full experiment on a tiny model and the local testbed; prints where the results are and a summary."""
+def demo(root: str | Path = "results", cloud_mbps: Any = "2,20,200", max_new_tokens: int = 6, layers: int = 4,
+         testbed: str = "auto") -> Path:
+    """The full experiment on a tiny model: emulated testbed when this host can (root), local otherwise.
+
+    Creates the checkpoint, brings the testbed up, profiles, calibrates, plans, deploys and benchmarks EdgeShard
+    against the baselines, writes the run folder with its figures, takes the testbed down, prints a summary.
+    """
     import pandas as pd
 
     from edgeshard_kit.results import new_run
     t0 = time.perf_counter()
-    params = {"cloud_mbps": cloud_mbps, "max_new_tokens": max_new_tokens, "tiny_layers": layers,
-              "testbed": "built-in local (3 edge processes + cloud, app-level link shaping)"}
-    run = new_run("demo", params, root=root)
-    print(f"edgeshard demo: tiny Llama ({layers} layers), local testbed, EdgeShard vs baselines at {cloud_mbps} Mbps")
-    out = run_benchmark(run, tiny_layers=layers, tiny_hidden=128, cloud_mbps=cloud_mbps,
-                        max_new_tokens=max_new_tokens, micro_batches=3, repeats=1)
+    bandwidths = parse_list(cloud_mbps)
+    run = new_run("demo", {"cloud_mbps": cloud_mbps, "max_new_tokens": max_new_tokens, "tiny_layers": layers,
+                           "testbed": testbed}, root=root)
+    checkpoint = steps.checkpoint_for("", run.path, layers=layers, hidden=128)
+    tb, why = default_testbed(checkpoint, bandwidths[0], testbed)
+    local = tb.emulation != "netns"
+    where = (f"local testbed (3 edge processes + cloud on 127.0.0.1, app-level link shaping: {why})" if local else
+             f"emulated testbed {tb.name}: {len(tb.devices)} network namespaces with sshd, tc and cgroups")
+    print(f"edgeshard demo: tiny Llama ({layers} layers), {where}\n"
+          f"  EdgeShard vs baselines at cloud links of {cloud_mbps} Mbps")
+    run.record(testbed_choice=where)
+    out = run_benchmark(run, tiny_layers=layers, tiny_hidden=128, testbed_file="" if local else tb,
+                        cloud_mbps=cloud_mbps, max_new_tokens=max_new_tokens, micro_batches=3, repeats=1)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\n" + out.summary.to_string(index=False))
     m = out.tables["measurements"]

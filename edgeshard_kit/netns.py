@@ -5,10 +5,12 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -19,7 +21,7 @@ from edgeshard_kit.units import KitError
 PREFIX = "es"                        # namespaces es-<testbed>-<device>; interfaces esbr*/esv*
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 CGROUP_DIR = "edgeshard-kit"         # cgroups /sys/fs/cgroup/{cpu,memory,cpuset}/edgeshard-kit/<testbed>/<device>
-CFS_PERIOD_US = 10_000               # cpu.cfs_quota_us = cpu_quota * this period; a short period spreads the
+CFS_PERIOD_US = 2_000                # cpu.cfs_quota_us = cpu_quota * this period (>= 1 ms); a short period spreads the
                                      # throttling finely, so a quota of 0.5 acts like a CPU at half speed
 UNSHAPED_RATE = "10gbit"             # htb class for traffic that no link shapes (coordinator on the bridge, ARP)
 
@@ -130,6 +132,15 @@ def _cgroup_dirs(tb: Testbed, dev: Device) -> list[Path]:
     return [CGROUP_ROOT / c / CGROUP_DIR / tb.name / dev.name for c in ctrls]
 
 
+def cfs_limits(cpu_quota: float | None) -> tuple[int, int]:
+    """(cpu.cfs_period_us, cpu.cfs_quota_us) for `cpu_quota` cores: the short period, lengthened only as far as
+    the kernel's 1 ms minimum quota needs (0.1 cores: 10 ms period, 1 ms quota); (period, -1) = no limit."""
+    if cpu_quota is None:
+        return CFS_PERIOD_US, -1
+    period = max(CFS_PERIOD_US, math.ceil(1000 / cpu_quota))
+    return period, max(1000, round(cpu_quota * period))
+
+
 def _setup_cgroup(tb: Testbed, dev: Device) -> list[Path]:
     """The device's cgroups with its CPU quota, memory limit and cpuset; returns their cgroup.procs files."""
     procs = []
@@ -146,8 +157,8 @@ def _setup_cgroup(tb: Testbed, dev: Device) -> list[Path]:
             (d / "cpuset.cpus").write_text(",".join(map(str, dev.cpus)))
         d.mkdir(parents=True, exist_ok=True)
         if ctrl == "cpu":
-            (d / "cpu.cfs_period_us").write_text(str(CFS_PERIOD_US))
-            quota = -1 if dev.cpu_quota is None else max(1000, int(dev.cpu_quota * CFS_PERIOD_US))
+            period, quota = cfs_limits(dev.cpu_quota)
+            (d / "cpu.cfs_period_us").write_text(str(period))
             (d / "cpu.cfs_quota_us").write_text(str(quota))
         if ctrl == "memory":
             (d / "memory.limit_in_bytes").write_text(str(dev.mem_limit_bytes or -1))
@@ -231,6 +242,41 @@ def reshape(tb: Testbed) -> None:
         raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
     for dev in tb.devices:
         _shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
+
+
+def unavailable() -> str | None:
+    """Why this host cannot run the emulated testbed (not root, no sshd, no cgroup v1 CPU controller), or None."""
+    if os.geteuid() != 0:
+        return "the emulated testbed needs root (network namespaces, cgroups, tc)"
+    if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
+        return "the emulated testbed needs sshd (Debian package openssh-server: `make sysdeps`)"
+    if not (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
+        return f"the emulated testbed needs the cgroup v1 cpu controller ({CGROUP_ROOT / 'cpu'} is missing)"
+    for tool in ("ip", "tc", "nsenter", "ssh-keygen"):
+        if shutil.which(tool) is None:
+            return f"the emulated testbed needs `{tool}` (iproute2 / util-linux / openssh-client: `make sysdeps`)"
+    return None
+
+
+@contextmanager
+def session(tb: Testbed):
+    """The testbed, up for the block: a netns testbed is brought up if it is not, and down after if this brought it up.
+
+    App-mode testbeds pass through unchanged. A testbed that was already up stays up (its owner takes it down).
+    """
+    if tb.emulation != "netns":
+        yield tb
+        return
+    mine = load_state(tb) is None
+    if mine:
+        testbed_up(tb)
+    else:
+        reshape(tb)  # the file's rates, whatever an earlier sweep left
+    try:
+        yield tb
+    finally:
+        if mine:
+            testbed_down(tb)
 
 
 def load_state(tb: Testbed) -> TestbedState | None:

@@ -229,17 +229,26 @@ bandwidth, deploy and measure: EdgeShard (latency objective, sequential schedule
 pipelined schedule), Edge-Solo (everything on the source), Cloud-Edge-Even (half the units on the source,
 half on the cloud), Cloud-Edge-Opt (the best single split between source and cloud) and a
 memory-proportional placement. The planner's predictions sit beside the measurements.
+
+Before the sweep the kit measures the runtime's *fixed costs* (with `calibrate = True`): a cost per stage on
+each device type (the worker's framework work, decoding and encoding frames) and a cost per token (the
+coordinator). The planner then optimises with them, and its predictions (`source = predicted`) sit beside the
+paper's model of the same plans (`predicted-paper`: layers and transfers only) and the measurements. On a small
+model these fixed costs are of the order of the layers themselves; on Llama2-7B they are a few percent.
 """ + DP_MD + BUBBLE_MD),
     ("params", """
 model_path = ""                    # empty: a tiny random checkpoint
 tiny_layers = 6
 tiny_hidden = 128
-testbed_file = ""                  # empty: a built-in local testbed (3 edge processes + cloud, app-level shaping)
+testbed_file = ""                  # empty: a built-in local testbed (3 edge processes + cloud, app-level shaping);
+                                   # "../testbed/emulated.yaml" (root): brought up for the run, down after
 cloud_mbps = "2,20,200"            # cloud link bandwidths swept (Mbps)
 methods = "edgeshard-latency,edgeshard-throughput,edge-solo,cloud-edge-even,cloud-edge-opt,mem-proportional"
 max_new_tokens = 6
 micro_batches = 3
 repeats = 1                        # measured generations per (method, bandwidth)
+calibrate = True                   # measure per-stage / per-token fixed costs first and plan with them
+memory_share = 0.0                 # > 0: scale the testbed file's memory so the source holds this share of the model
 out_dir = ""
 results_root = "../results"
 """),
@@ -250,7 +259,8 @@ plots.notebook_renderer()
 run = results.new_run("04_benchmark_vs_baselines", ex.params_of(globals()), root=results_root, out=out_dir or None)
 exp = ex.run_benchmark(run, model_path=model_path, tiny_layers=tiny_layers, tiny_hidden=tiny_hidden,
                        testbed_file=testbed_file, cloud_mbps=cloud_mbps, methods=methods,
-                       max_new_tokens=max_new_tokens, micro_batches=micro_batches, repeats=repeats)
+                       max_new_tokens=max_new_tokens, micro_batches=micro_batches, repeats=repeats,
+                       calibrate=calibrate, memory_share=memory_share)
 exp.summary
 """),
     ("code", """

@@ -104,6 +104,22 @@ def test_up_is_idempotent(tb):
     assert again.addresses == {"a": "10.78.31.10", "b": "10.78.31.11", "c": "10.78.31.20"}  # b: auto
 
 
+def test_session_brings_a_testbed_up_for_a_block_and_leaves_one_that_was_up(tb, tmp_path):
+    data = {**TESTBED, "name": "essess", "emulation": {"mode": "netns", "subnet": "10.78.32.0/24"},
+            "devices": [{k: v for k, v in d.items() if k != "address"} for d in TESTBED["devices"][:2]],
+            "links": {"default": {"mbps": 100, "latency_ms": 0.0}}}
+    path = tmp_path / "essess.yaml"
+    path.write_text(yaml.safe_dump(data))
+    fresh = load_testbed(path)
+    with netns.session(fresh):
+        assert netns.load_state(fresh) is not None and netns.launch_opts(fresh)["ssh"]["known_hosts"]
+    assert _leftovers(fresh) == []
+    with netns.session(tb):  # already up: it stays up, with the file's rates re-applied
+        pass
+    assert netns.load_state(tb) is not None
+    assert netns.unavailable() is None
+
+
 def test_namespaces_have_addresses_and_no_way_out(tb):
     for dev, addr in netns.addresses(tb).items():
         ns = netns.namespace_name(tb, dev)
@@ -150,11 +166,18 @@ def test_sshd_answers_openssh_and_paramiko(tb):
         client.close()
 
 
+def test_cfs_limits_keep_the_share_within_the_kernel_minimum():
+    assert netns.cfs_limits(None) == (netns.CFS_PERIOD_US, -1)
+    for q in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5):
+        period, quota = netns.cfs_limits(q)
+        assert quota >= 1000 and period >= netns.CFS_PERIOD_US and quota / period == pytest.approx(q, rel=0.01)
+
+
 def test_cgroup_limits(tb):
     base = Path("/sys/fs/cgroup")
     a_cpu, a_mem = (base / c / netns.CGROUP_DIR / "estest" / "a" for c in ("cpu", "memory"))
-    assert int((a_cpu / "cpu.cfs_quota_us").read_text()) == 50_000
-    assert int((a_cpu / "cpu.cfs_period_us").read_text()) == 100_000
+    period = int((a_cpu / "cpu.cfs_period_us").read_text())
+    assert period == netns.CFS_PERIOD_US and int((a_cpu / "cpu.cfs_quota_us").read_text()) == period // 2
     assert int((a_mem / "memory.limit_in_bytes").read_text()) == 768 * 2**20
     assert int((base / "cpu" / netns.CGROUP_DIR / "estest" / "c" / "cpu.cfs_quota_us").read_text()) == -1
     st = netns.testbed_status(tb)
@@ -183,3 +206,4 @@ def test_down_removes_everything_also_after_a_crash(tb):
     shutil.rmtree(netns.state_root() / tb.name)
     netns.testbed_down(tb)
     assert _leftovers(tb) == []
+

@@ -58,3 +58,50 @@ def test_with_cloud_mbps_reshapes_only_cloud_links(tmp_path):
     with pytest.raises(KitError, match="cloud"):
         experiment.with_cloud_mbps(no_cloud, 5)
     assert math.isfinite(t2.link("e1", "c").mbps)
+
+
+def test_scale_memory_keeps_proportions_and_gives_the_source_its_share(tmp_path):
+    from edgeshard_kit.testbed import testbed_from_dict
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
+    tb = testbed_from_dict({"name": "t", "devices": [
+        {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
+        {"name": "e1", "type": "b", "memory": "512MiB"},
+        {"name": "c", "type": "c", "memory": "8GiB", "cloud": True}]})
+    small = experiment.scale_memory(tb, tmp_path, 0.45)
+    mem = {d.name: d.memory_bytes for d in small.devices}
+    assert mem["e0"] == 4500 and mem["e1"] == 2250 and mem["c"] == 36000
+    assert small.name == tb.name and small.source.name == "e0" and [d.cloud for d in small.devices] == [0, 0, 1]
+    with pytest.raises(KitError, match="share"):
+        experiment.scale_memory(tb, tmp_path, 0)
+
+
+def test_default_testbed_local_when_asked_and_emulated_only_when_possible(tmp_path):
+    from edgeshard_kit import netns
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
+    tb, why = experiment.default_testbed(tmp_path, 20, "local")
+    assert tb.emulation == "app" and any(d.cloud for d in tb.devices) and why
+    reason = netns.unavailable()
+    if reason:
+        with pytest.raises(KitError, match="emulated testbed requested"):
+            experiment.default_testbed(tmp_path, 20, "emulated")
+    else:
+        tb, _ = experiment.default_testbed(tmp_path, 20, "emulated")
+        assert tb.emulation == "netns" and tb.source.memory_bytes == 4500
+
+
+def test_prediction_table_pairs_measured_with_both_models():
+    import pandas as pd
+    rows = []
+    for src, lat, tps in (("measured", 12.0, 150.0), ("measured", 10.0, 170.0), ("predicted", 10.0, 200.0),
+                          ("predicted-paper", 5.0, 400.0)):
+        for sched in ("sequential", "no-bubbles", "bubbles"):
+            rows.append({"method": "M", "cloud_mbps": 5.0, "source": src, "schedule": sched, "status": "ok",
+                         "latency_ms": lat, "throughput_tps": tps, "stages": "e0[0,3)"})
+    rows.append({"method": "Solo", "cloud_mbps": 5.0, "source": "measured", "schedule": "sequential",
+                 "status": "oom", "latency_ms": None, "throughput_tps": None, "stages": None})
+    t = experiment.prediction_table(pd.DataFrame(rows)).set_index("metric")
+    assert list(t.method.unique()) == ["M"]
+    assert t.loc["latency_ms", "measured"] == 11.0 and t.loc["latency_ms", "measured_over_predicted"] == 1.1
+    assert t.loc["latency_ms", "measured_over_predicted_paper"] == 2.2
+    assert t.loc["throughput_tps", "measured_over_predicted"] == pytest.approx(0.8)
+    assert t.loc["latency_ms", "stages"] == "e0[0,3)"
