@@ -35,8 +35,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def quick_problem(checkpoint: str, testbed: Any, dtype: str, batch: int, micro_batches: int, prompt_len: int,
-                  gen_tokens: int, profiles: list[str] | None = None, threads: int = 1):
-    """A planning problem: given profiles, or one quick measurement on this host for every device type."""
+                  gen_tokens: int, profiles: list[str] | None = None, threads: int = 1, runtime: dict | None = None):
+    """A planning problem: given profiles, or one quick measurement on this host for every device type.
+
+    `runtime`: the runtime's fixed costs (overheads.calibrate_runtime), or a callable profiles -> them.
+    """
     from edgeshard_kit.problem import Workload, build_problem, load_profiles
 
     if profiles:
@@ -51,7 +54,13 @@ def quick_problem(checkpoint: str, testbed: Any, dtype: str, batch: int, micro_b
         profs = {d.type: p for d in testbed.devices}  # local testbed: every device is this host
     batch = max(batch, micro_batches) // micro_batches * micro_batches
     wl = Workload(prompt_len=max(prompt_len, 1), gen_tokens=gen_tokens, batch=batch, micro_batches=micro_batches)
-    return build_problem(profs, testbed, wl)
+    return build_problem(profs, testbed, wl, runtime(profs) if callable(runtime) else runtime)
+
+
+def without_fixed_costs(problem):
+    """The same problem under the paper's model: no per-stage and no per-token fixed costs."""
+    from dataclasses import replace
+    return replace(problem, step_ms=0.0, devices=tuple(replace(d, stage_ms=0.0) for d in problem.devices))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -199,8 +208,22 @@ def bench_throughput(args: argparse.Namespace) -> int:
     k = args.micro_batches
     tb = _local_testbed(2, pin=True)
     batch = k * args.micro_batch_size
-    problem = quick_problem(args.model, tb, args.dtype, batch, k, args.prompt_len, args.tokens, threads=1)
-    plan = make_plan(problem, list(_half_plan(args.model, tb.names).stages), "throughput")
+    runtime: dict = {}
+
+    def calibrate(profiles):  # the fixed costs per stage and per token, measured on these two pinned workers
+        from edgeshard_kit.overheads import calibrate_runtime
+        runtime.update(calibrate_runtime(args.model, tb, profiles, prompt_len=args.prompt_len,
+                                         log=print if args.calibrate else None))
+        return runtime
+
+    problem = quick_problem(args.model, tb, args.dtype, batch, k, args.prompt_len, args.tokens, threads=1,
+                            runtime=calibrate if args.calibrate else None)
+    paper = without_fixed_costs(problem)
+    stages = list(_half_plan(args.model, tb.names).stages)
+    plan = make_plan(problem, stages, "throughput")
+    pred_paper = make_plan(paper, stages, "throughput").throughput_per_s
+    if args.calibrate:
+        print(f"fixed costs: stage_ms {runtime['stage_ms']}, step_ms {runtime['step_ms']:.3f}")
     ids = [[(7 * i + j) % 200 + 3 for i in range(args.prompt_len)] for j in range(batch)]
     rows = []
     with deploy(plan, tb, args.model, dtype=args.dtype, problem=problem, threads=1) as dep:
@@ -224,6 +247,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
             ideal = args.micro_batch_size * 1000.0 / max(comp)
             rows.append({"repeat": r, "sequential_tokens_per_s": seq, "pipelined_tokens_per_s": pipe,
                          "predicted_tokens_per_s": pred, "speedup": pipe / seq, "vs_prediction": pipe / pred,
+                         "predicted_paper_model_tokens_per_s": pred_paper, "vs_paper_model": pipe / pred_paper,
                          "stage_compute_ms": "/".join(f"{c:.2f}" for c in comp),
                          "predicted_from_measured_compute": ideal, "vs_measured_compute": pipe / ideal,
                          "sequential_incl_prefill_tokens_per_s": seq_all, "pipelined_incl_prefill_tokens_per_s": pipe_all})
@@ -234,53 +258,94 @@ def bench_throughput(args: argparse.Namespace) -> int:
     sp = statistics.median(r["speedup"] for r in rows)
     vp = statistics.median(r["vs_prediction"] for r in rows)
     vm = statistics.median(r["vs_measured_compute"] for r in rows)
-    print(f"median speedup {sp:.2f} [target >= 1.7], measured/predicted {vp:.2f} [target within 0.85..1.15], "
+    vpp = statistics.median(r["vs_paper_model"] for r in rows)
+    print(f"median speedup {sp:.2f} [target >= 1.7], measured/predicted {vp:.2f} [target within 0.85..1.15] "
+          f"({'calibrated fixed costs' if args.calibrate else 'no fixed costs'}; the paper's model: {vpp:.2f}), "
           f"measured/predicted-from-measured-stage-compute {vm:.2f}")
     _write_csv(args.out, rows)
     print(f"wrote {args.out}")
     return 0
 
 
+_WIRE_RECEIVER = r"""
+import socket, sys
+from edgeshard_kit import wire
+port, impl, nbytes, frames = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sock = socket.create_connection(("127.0.0.1", port))
+if impl == "wire":
+    conn = wire.Connection(sock)
+    for _ in range(frames):
+        conn.recv()
+        conn.send("ack")
+else:  # plain TCP into one preallocated buffer: what the host's loopback gives without the kit
+    buf = memoryview(bytearray(nbytes))
+    for _ in range(frames):
+        got = 0
+        while got < nbytes:
+            got += sock.recv_into(buf[got:])
+        sock.sendall(b"k")
+sock.close()
+"""
+
+
 def bench_loopback(nbytes: int = 64 << 20, repeats: int = 5) -> list[dict]:
-    """Send `repeats` float32 tensors of `nbytes` over TCP on 127.0.0.1; one record (GB/s) per frame."""
+    """Frames of `nbytes` over TCP on 127.0.0.1 to a receiver process, the kit's wire (float32 tensor frames)
+    and plain sockets alternating; one record (GB/s, send until the receiver has every byte) per frame."""
+    import subprocess
+    import sys
+
     import torch
 
+    nbytes = nbytes // 4 * 4
     server = socket.create_server(("127.0.0.1", 0))
     port = server.getsockname()[1]
-    got: list[float] = []
+    peers, procs = {}, []
+    try:
+        for impl in ("wire", "socket"):
+            procs.append(subprocess.Popen([sys.executable, "-c", _WIRE_RECEIVER, str(port), impl, str(nbytes),
+                                           str(repeats + 1)]))
+            server.settimeout(60)
+            sock, _ = server.accept()
+            peers[impl] = wire.Connection(sock) if impl == "wire" else sock
+        t = torch.ones(nbytes // 4, dtype=torch.float32)
+        raw = memoryview(t.numpy()).cast("B")
 
-    def receive() -> None:
-        sock, _ = server.accept()
-        conn = wire.Connection(sock)
-        for _ in range(repeats + 1):
-            conn.recv()
-            got.append(time.perf_counter())
-            conn.send("ack")
-        conn.close()
+        def send(impl: str) -> float:
+            t0 = time.perf_counter()
+            if impl == "wire":
+                peers[impl].send("act", t, step=0)
+                peers[impl].recv()
+            else:
+                peers[impl].sendall(raw)
+                peers[impl].recv(1)
+            return time.perf_counter() - t0
 
-    th = threading.Thread(target=receive, daemon=True)
-    th.start()
-    conn = wire.Connection(socket.create_connection(("127.0.0.1", port)))
-    t = torch.ones(nbytes // 4, dtype=torch.float32)
-    rows = []
-    for i in range(repeats + 1):  # the first frame is a warm-up
-        t0 = time.perf_counter()
-        conn.send("act", t, step=i)
-        conn.recv()
-        dt = got[-1] - t0
-        if i:
-            rows.append({"repeat": i - 1, "bytes": t.numel() * 4, "seconds": dt, "gb_per_s": t.numel() * 4 / dt / 1e9})
-    conn.close()
-    th.join(5)
-    server.close()
-    return rows
+        rows = []
+        for i in range(repeats + 1):  # the first frame of each is a warm-up
+            for impl in (("wire", "socket") if i % 2 == 0 else ("socket", "wire")):
+                dt = send(impl)
+                if i:
+                    rows.append({"impl": impl, "repeat": i - 1, "bytes": nbytes, "seconds": dt,
+                                 "gb_per_s": nbytes / dt / 1e9})
+        return rows
+    finally:
+        for peer in peers.values():
+            peer.close()
+        for proc in procs:
+            proc.wait(30)
+        server.close()
 
 
 def _cmd_bench_wire(args) -> int:
     rows = bench_loopback(args.mb << 20, args.repeats)
-    rates = [r["gb_per_s"] for r in rows]
-    print(f"wire loopback, {args.mb} MiB float32 frames: min {min(rates):.2f} / median {statistics.median(rates):.2f} "
-          f"/ max {max(rates):.2f} GB/s over {len(rates)} frames (send + exact-size receive) [target >= 1 GB/s]")
+    med = {}
+    for impl in ("wire", "socket"):
+        rates = [r["gb_per_s"] for r in rows if r["impl"] == impl]
+        med[impl] = statistics.median(rates)
+        print(f"{impl:>7}: {args.mb} MiB frames, min {min(rates):.2f} / median {med[impl]:.2f} / max {max(rates):.2f} "
+              f"GB/s over {len(rates)} frames")
+    print(f"the kit's wire: {med['wire']:.2f} GB/s [target >= 1 GB/s], {med['wire'] / med['socket']:.2f}x plain TCP "
+          f"on this host's loopback ({med['socket']:.2f} GB/s)")
     _write_csv(args.out, rows)
     print(f"wrote {args.out}")
     return 0
@@ -289,7 +354,7 @@ def _cmd_bench_wire(args) -> int:
 def add_wire_bench(bench_sub) -> None:
     p = bench_sub.add_parser("wire", help="loopback throughput of the wire for large tensors (GB/s)")
     p.add_argument("--mb", type=int, default=64, help="tensor size in MiB (default 64)")
-    p.add_argument("--repeats", type=int, default=5, help="frames after one warm-up (default 5)")
+    p.add_argument("--repeats", type=int, default=10, help="frames of each kind after one warm-up (default 10)")
     p.add_argument("--out", default="results/wire.csv", help="CSV path")
     p.set_defaults(func=_cmd_bench_wire)
 
@@ -311,6 +376,8 @@ def add_bench_commands(bench_sub) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--no-calibrate", dest="calibrate", action="store_false",
+                   help="predict without the runtime's measured fixed costs (the paper's model only)")
     p.add_argument("--out", default="results/pipeline_throughput.csv", help="CSV path")
     p.set_defaults(func=bench_throughput)
     add_wire_bench(bench_sub)

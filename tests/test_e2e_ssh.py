@@ -29,13 +29,13 @@ pytestmark = [
 
 PROMPTS = ["hello world", "the cat sat"]
 NEW = 6
-# Two edge devices and a cloud server behind a slower link; the small memory budgets make the plan use all three.
+# Two edge devices and a cloud server behind a slower link; the model (12 MiB) does not fit one edge device.
 TESTBED = {
     "name": "ese2e",
     "devices": [
-        {"name": "a", "type": "edge-a", "memory": "40MiB", "source": True, "launch": "ssh",
+        {"name": "a", "type": "edge-a", "memory": "7MiB", "source": True, "launch": "ssh",
          "cpu_quota": 1.0, "mem_limit": "2GiB"},
-        {"name": "b", "type": "edge-b", "memory": "40MiB", "launch": "ssh", "cpu_quota": 1.0, "mem_limit": "2GiB"},
+        {"name": "b", "type": "edge-b", "memory": "7MiB", "launch": "ssh", "cpu_quota": 1.0, "mem_limit": "2GiB"},
         {"name": "c", "type": "cloud", "memory": "1GiB", "launch": "ssh", "cloud": True, "mem_limit": "2GiB"},
     ],
     "links": {"default": {"mbps": 200, "latency_ms": 0.0},

@@ -105,7 +105,7 @@ def test_up_is_idempotent(tb):
 
 
 def test_session_brings_a_testbed_up_for_a_block_and_leaves_one_that_was_up(tb, tmp_path):
-    data = {**TESTBED, "name": "essess", "emulation": {"mode": "netns", "subnet": "10.78.32.0/24"},
+    data = {**TESTBED, "name": "essess", "emulation": {"mode": "netns", "subnet": "10.78.33.0/24"},
             "devices": [{k: v for k, v in d.items() if k != "address"} for d in TESTBED["devices"][:2]],
             "links": {"default": {"mbps": 100, "latency_ms": 0.0}}}
     path = tmp_path / "essess.yaml"

@@ -172,3 +172,10 @@ def test_bad_magic_names_problem():
     with pytest.raises(wire.ProtocolError, match="magic"):
         wire.decode_frame(b"GET / HTTP/1.1\r\n\r\n")
     assert struct.calcsize("!4sIQ") == wire.PREFIX.size
+
+
+def test_loopback_benchmark_alternates_the_wire_and_plain_tcp():
+    from edgeshard_kit.runtime_cli import bench_loopback
+    rows = bench_loopback(1 << 20, repeats=2)
+    assert [r["impl"] for r in rows] == ["socket", "wire", "wire", "socket"]  # alternating, warm-ups dropped
+    assert all(r["bytes"] == 1 << 20 and r["seconds"] > 0 and r["gb_per_s"] > 0 for r in rows)
