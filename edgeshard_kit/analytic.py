@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 
 from edgeshard_kit.catalog import DeviceSpec, cmd_devices, get_device
 from edgeshard_kit.profile import Profile, UnitProfile
-from edgeshard_kit.units import KitError, unit_name
+from edgeshard_kit.units import KitError, read_json, unit_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -76,10 +75,7 @@ def model_spec(model) -> ModelSpec:
         if not cfg_file.is_file():
             raise KitError(f"model {model!r} is neither a built-in spec ({', '.join(BUILTIN_SPECS)}) "
                            f"nor a checkpoint directory / config.json")
-        try:
-            cfg = json.loads(cfg_file.read_text())
-        except json.JSONDecodeError as e:
-            raise KitError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+        cfg = read_json(cfg_file)
         name = p.name if p.is_dir() else p.parent.name
     if cfg.get("model_type") not in (None, "llama") or (cfg.get("model_type") is None and "hidden_size" not in cfg):
         raise KitError(f"model config {name!r}: model_type is {cfg.get('model_type')!r}, not 'llama'")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import time
 from pathlib import Path
@@ -12,6 +11,7 @@ import torch
 
 from edgeshard_kit.checkpoint import load_llama_config, load_tokenizer, quiet_progress
 from edgeshard_kit.generate import build_stages, encode_prompts, run_stages
+from edgeshard_kit.results import write_rows
 from edgeshard_kit.stage import parse_device, parse_dtype, synchronize
 from edgeshard_kit.units import KitError, n_units
 
@@ -102,21 +102,10 @@ def overhead_ratio(rows: list[dict]) -> float:
     return kit / hf
 
 
-def write_rows(rows: list[dict], out: str | Path) -> Path:
-    """Write measurement rows as a tidy CSV."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
-        w.writeheader()
-        w.writerows(rows)
-    return path
-
-
 def _cmd_overhead(args: argparse.Namespace) -> int:
     rows = measure_overhead(args.model, tokens=args.tokens, repeats=args.repeats, dtype=args.dtype, device=args.device,
                             threads=args.threads)
-    path = write_rows(rows, args.out)
+    path = write_rows(rows, args.out, FIELDS)
     for impl in ("kit", "transformers"):
         meds = [r["decode_ms_median"] for r in rows if r["impl"] == impl]
         print(f"{impl:>12}: decode ms/token min {min(meds):.2f} median {statistics.median(meds):.2f} max {max(meds):.2f}")

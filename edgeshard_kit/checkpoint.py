@@ -8,7 +8,7 @@ from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from edgeshard_kit.units import KitError, n_units
+from edgeshard_kit.units import KitError, n_units, read_json
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama2's order plus a pad token
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,10 +128,7 @@ def load_llama_config(dir: str | Path):
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise KitError(f"checkpoint {str(path)!r} has no config.json")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise KitError(f"{cfg_file}: not valid JSON ({e.msg}, line {e.lineno})") from None
+    raw = read_json(cfg_file)
     if raw.get("model_type") != "llama":
         raise KitError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, not 'llama'")
     config = LlamaConfig.from_pretrained(path)

@@ -174,8 +174,8 @@ def _predicted(problem, plan, name: str, micro_batches: int, tokens: int) -> lis
 def _paper_model_plans(paper, plans: dict, methods: list[str]) -> dict:
     """EdgeShard's own choice under the paper's model, where it differs from the calibrated choice."""
     out = {}
-    for name, plan in steps.method_plans(paper).items():
-        if not name.startswith("EdgeShard") or name not in methods or isinstance(plan, Exception) or not plan.feasible:
+    for name, plan in steps.edgeshard_plans(paper).items():
+        if name not in methods or isinstance(plan, Exception) or not plan.feasible:
             continue
         mine = plans.get(name)
         if isinstance(mine, Exception) or not mine.feasible or tuple(mine.stages) != tuple(plan.stages):
@@ -191,13 +191,13 @@ def sweep(checkpoint, testbed_at, profiles: dict, bandwidths: list[float], metho
     then also gets a "predicted-paper" row (the paper's model: layers + transfers only) for the same stages, and
     where EdgeShard's choice under the paper's model differs, that plan is deployed too, as "<method> (paper's model)".
     """
-    from edgeshard_kit.plan import make_plan
+    from edgeshard_kit.plan import make_plan, without_fixed_costs
     reference = steps.reference_tokens(checkpoint, [PROMPT], max_new_tokens)[0]
     rows = []
     for mbps in bandwidths:
         testbed = testbed_at(mbps)
         problem = steps.build_problem(profiles, testbed, prompt_len=8, gen_tokens=max_new_tokens, runtime=runtime)
-        paper = steps.build_problem(profiles, testbed, prompt_len=8, gen_tokens=max_new_tokens) if runtime else None
+        paper = without_fixed_costs(problem) if runtime else None
         plans = steps.method_plans(problem)
         names = list(methods)
         if paper is not None:

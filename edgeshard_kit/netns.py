@@ -110,13 +110,18 @@ def _ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
     return _run(["ip", "netns", "exec", ns, *argv], check=check)
 
 
+def _missing_tool() -> str | None:
+    """The first command the emulated testbed needs that is not installed, or None."""
+    return next((tool for tool in ("ip", "tc", "nsenter", "ssh-keygen") if shutil.which(tool) is None), None)
+
+
 def _need_root(what: str) -> None:
     if os.geteuid() != 0:
         raise KitError(f"edgeshard testbed {what} needs root (network namespaces, cgroups, tc); without root "
                        "the kit uses app-level emulation instead: set `emulation: {mode: app}` (see testbed/local.yaml)")
-    for tool in ("ip", "tc", "nsenter", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            raise KitError(f"`{tool}` is missing: install iproute2 / util-linux / openssh-client (`make sysdeps`)")
+    tool = _missing_tool()
+    if tool:
+        raise KitError(f"`{tool}` is missing: install iproute2 / util-linux / openssh-client (`make sysdeps`)")
 
 
 def _netns_list() -> set[str]:
@@ -252,10 +257,8 @@ def unavailable() -> str | None:
         return "the emulated testbed needs sshd (Debian package openssh-server: `make sysdeps`)"
     if not (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
         return f"the emulated testbed needs the cgroup v1 cpu controller ({CGROUP_ROOT / 'cpu'} is missing)"
-    for tool in ("ip", "tc", "nsenter", "ssh-keygen"):
-        if shutil.which(tool) is None:
-            return f"the emulated testbed needs `{tool}` (iproute2 / util-linux / openssh-client: `make sysdeps`)"
-    return None
+    tool = _missing_tool()
+    return tool and f"the emulated testbed needs `{tool}` (iproute2 / util-linux / openssh-client: `make sysdeps`)"
 
 
 @contextmanager

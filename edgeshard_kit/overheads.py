@@ -61,11 +61,11 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Any, profiles: dict, prom
     in the records.
     """
     from edgeshard_kit.plan import make_plan
-    from edgeshard_kit.problem import Workload, build_problem
+    from edgeshard_kit.steps import build_problem
 
     if tokens < 4 or repeats < 1:
         raise KitError(f"calibrate_runtime: tokens must be >= 4 and repeats >= 1 (got {tokens}, {repeats})")
-    problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=tokens, return_bytes=8))
+    problem = build_problem(profiles, testbed, prompt_len=prompt_len, gen_tokens=tokens)
     n = problem.n_units
     src = testbed.source
     layouts = {"one stage on the source": [Stage(src.name, 0, n)],

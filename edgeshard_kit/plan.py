@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from edgeshard_kit.planfile import Plan, load_plan, save_plan  # noqa: F401 (the plan file lives there)
-from edgeshard_kit.units import KitError, Stage, validate_ranges
+from edgeshard_kit.units import KitError, Stage, read_json, validate_ranges
 
 OBJECTIVES = ("latency", "throughput")
 __all__ = ["OBJECTIVES", "Unit", "DeviceSpec", "LinkSpec", "Problem", "Plan", "problem_from_dict", "load_problem",
@@ -205,11 +205,7 @@ def load_problem(path: str | Path) -> Problem:
     p = Path(path)
     if not p.is_file():
         raise KitError(f"problem file {p} does not exist")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise KitError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return problem_from_dict(d, str(p))
+    return problem_from_dict(read_json(p), str(p))
 
 
 def save_problem(problem: Problem, path: str | Path) -> Path:
@@ -251,6 +247,12 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
             "stage_compute_ms": comp, "stage_transfer_ms": trans, "memory_bytes": mem,
             "device_load_ms": load, "link_load_ms": {f"{a}->{b}": v for (a, b), v in link_load.items()},
             "feasible": not over, "reason": "; ".join(over)}
+
+
+def without_fixed_costs(problem: Problem) -> Problem:
+    """The same problem under the paper's model: no per-stage and no per-token fixed costs."""
+    meta = {k: v for k, v in problem.meta.items() if k != "runtime_overheads"}
+    return replace(problem, step_ms=0.0, devices=tuple(replace(d, stage_ms=0.0) for d in problem.devices), meta=meta)
 
 
 def make_plan(problem: Problem, stages: list[Stage], objective: str, relay: bool = False,

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import random
 import time
-from pathlib import Path
 
 from edgeshard_kit.units import KitError
 
@@ -167,13 +165,8 @@ def bench_solver(out: str = "results/solver_bench.csv", repeats: int = 3) -> lis
                      "value_ms": round(plan.latency_ms if objective == "latency" else plan.bottleneck_ms, 3)})
         print(f"{objective:<10} {rows[-1]['median_ms']:9.2f} ms (min {rows[-1]['min_ms']}, max {rows[-1]['max_ms']})"
               f"  {what}")
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    print(f"wrote {p}")
+    from edgeshard_kit.results import write_rows
+    print(f"wrote {write_rows(rows, out)}")
     return rows
 
 

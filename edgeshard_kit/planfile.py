@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgeshard_kit.units import KitError, Stage
+from edgeshard_kit.units import KitError, Stage, read_json
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,4 @@ def load_plan(path: str | Path) -> Plan:
     p = Path(path)
     if not p.is_file():
         raise KitError(f"plan file {p} does not exist")
-    try:
-        return Plan.from_dict(json.loads(p.read_text()), str(p))
-    except json.JSONDecodeError as e:
-        raise KitError(f"{p}: not valid JSON ({e.msg} at line {e.lineno})") from None
+    return Plan.from_dict(read_json(p), str(p))

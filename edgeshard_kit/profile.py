@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeshard_kit.units import KitError
+from edgeshard_kit.units import KitError, read_json
 
 FORMAT = "edgeshard-profile/1"
 
@@ -260,11 +260,7 @@ def load_profile(path: str | Path) -> Profile:
         p = _json_path(p)
     if not p.exists():
         raise KitError(f"profile {path}: no such file")
-    try:
-        d = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise KitError(f"profile {p}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return Profile.from_dict(d, where=f"profile {p}")
+    return Profile.from_dict(read_json(p, "profile "), where=f"profile {p}")
 
 
 def merge_profiles(profiles: Iterable[Profile | str | Path]) -> dict[str, Profile]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 from edgeshard_kit.plan import Plan, Problem, solve
 from edgeshard_kit.problem import Workload, build_problem
+from edgeshard_kit.results import write_rows
 from edgeshard_kit.units import KitError
 
 GIB = 2**30
@@ -132,16 +131,6 @@ def reproduce(models=MODELS, cloud_mbps=CLOUD_MBPS, tokens: int = 96, micro_batc
     return rows
 
 
-def write_csv(rows: list[dict], out: str | Path) -> Path:
-    p = Path(out)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    with p.open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=COLUMNS)
-        w.writeheader()
-        w.writerows(rows)
-    return p
-
-
 def summary(rows: list[dict]) -> str:
     """The EdgeShard and baseline figures per model at the highest bandwidth, as text lines."""
     lines = []
@@ -157,7 +146,7 @@ def cmd_reproduce(args) -> int:
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
     mbps = tuple(float(x) for x in args.cloud_mbps.split(","))
     rows = reproduce(models, mbps, tokens=args.tokens)
-    p = write_csv(rows, args.out)
+    p = write_rows(rows, args.out, COLUMNS)
     print(summary(rows))
     print(f"wrote {p} ({len(rows)} rows)")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import datetime as _dt
 import json
@@ -187,6 +188,17 @@ def new_run(name: str, params: dict | None = None, root: str | Path = "results",
     return run
 
 
+def write_rows(rows: list[dict], out: str | Path, fields: list[str] | None = None) -> Path:
+    """Write records as a tidy CSV at `out` (parent folders made); columns `fields`, else the first row's keys."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
 def load_run(path: str | Path) -> dict:
     """Read a run folder: {"manifest": dict, "<csv stem>": DataFrame, ...}."""
     import pandas as pd
@@ -194,8 +206,8 @@ def load_run(path: str | Path) -> dict:
     if not (path / MANIFEST).is_file():
         raise KitError(f"{path}: not a run folder (no {MANIFEST})")
     out: dict[str, Any] = {"manifest": json.loads((path / MANIFEST).read_text())}
-    for csv in sorted(path.glob("*.csv")):
-        out[csv.stem] = pd.read_csv(csv)
+    for table in sorted(path.glob("*.csv")):
+        out[table.stem] = pd.read_csv(table)
     return out
 
 

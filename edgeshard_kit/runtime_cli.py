@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import socket
 import statistics
 import sys
-import threading
 import time
-from pathlib import Path
 from typing import Any
 
 from edgeshard_kit import wire
+from edgeshard_kit.results import write_rows
 from edgeshard_kit.units import KitError
 
 
@@ -34,33 +32,37 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
                    help="keep the deployment after the first prompt: read more prompts from stdin until EOF")
 
 
-def quick_problem(checkpoint: str, testbed: Any, dtype: str, batch: int, micro_batches: int, prompt_len: int,
-                  gen_tokens: int, profiles: list[str] | None = None, threads: int = 1, runtime: dict | None = None):
-    """A planning problem: given profiles, or one quick measurement on this host for every device type.
-
-    `runtime`: the runtime's fixed costs (overheads.calibrate_runtime), or a callable profiles -> them.
-    """
-    from edgeshard_kit.problem import Workload, build_problem, load_profiles
+def quick_profiles(checkpoint: str, testbed: Any, dtype: str, batch: int, micro_batches: int, prompt_len: int,
+                   gen_tokens: int, profiles: list[str] | None = None, threads: int = 1) -> dict:
+    """Profiles by device type: given files, or one quick measurement on this host for every device type."""
+    from edgeshard_kit.problem import load_profiles
 
     if profiles:
-        profs = load_profiles(profiles)
-    else:
-        from edgeshard_kit.measure import measure_profile
+        return load_profiles(profiles)
+    from edgeshard_kit.measure import measure_profile
 
-        mbs = max(1, batch // micro_batches)
-        p = measure_profile(checkpoint, dtype=dtype, batch=mbs, prompt_len=max(prompt_len, 1),
-                            kv_lens=(max(prompt_len, 1) + max(gen_tokens, 1) // 2,), repeats=3, warmup=1,
-                            progress=False, threads=threads)
-        profs = {d.type: p for d in testbed.devices}  # local testbed: every device is this host
+    mbs = max(1, batch // micro_batches)
+    p = measure_profile(checkpoint, dtype=dtype, batch=mbs, prompt_len=max(prompt_len, 1),
+                        kv_lens=(max(prompt_len, 1) + max(gen_tokens, 1) // 2,), repeats=3, warmup=1,
+                        progress=False, threads=threads)
+    return {d.type: p for d in testbed.devices}  # local testbed: every device is this host
+
+
+def quick_workload(batch: int, micro_batches: int, prompt_len: int, gen_tokens: int):
+    """The workload of `batch` sequences in `micro_batches` (rounded to whole micro-batches)."""
+    from edgeshard_kit.problem import Workload
+
     batch = max(batch, micro_batches) // micro_batches * micro_batches
-    wl = Workload(prompt_len=max(prompt_len, 1), gen_tokens=gen_tokens, batch=batch, micro_batches=micro_batches)
-    return build_problem(profs, testbed, wl, runtime(profs) if callable(runtime) else runtime)
+    return Workload(prompt_len=max(prompt_len, 1), gen_tokens=gen_tokens, batch=batch, micro_batches=micro_batches)
 
 
-def without_fixed_costs(problem):
-    """The same problem under the paper's model: no per-stage and no per-token fixed costs."""
-    from dataclasses import replace
-    return replace(problem, step_ms=0.0, devices=tuple(replace(d, stage_ms=0.0) for d in problem.devices))
+def quick_problem(checkpoint: str, testbed: Any, dtype: str, batch: int, micro_batches: int, prompt_len: int,
+                  gen_tokens: int, profiles: list[str] | None = None, threads: int = 1):
+    """A planning problem: given profiles, or one quick measurement on this host for every device type."""
+    from edgeshard_kit.problem import build_problem
+
+    profs = quick_profiles(checkpoint, testbed, dtype, batch, micro_batches, prompt_len, gen_tokens, profiles, threads)
+    return build_problem(profs, testbed, quick_workload(batch, micro_batches, prompt_len, gen_tokens))
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -155,14 +157,6 @@ def _half_plan(checkpoint: str, devices: list[str]):
     return Plan("latency", (Stage(devices[0], 0, cut), Stage(devices[1], cut, total)), 0.0, 0.0, 0.0)
 
 
-def _write_csv(path: str, rows: list[dict]) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
 def bench_latency(args: argparse.Namespace) -> int:
     """Per-token latency: 2 local workers vs one process on the same checkpoint, alternating."""
     import torch
@@ -195,7 +189,7 @@ def bench_latency(args: argparse.Namespace) -> int:
     ratio = statistics.median(r["ratio"] for r in rows)
     print(f"per-token latency ratio (2 local workers / one process), median of {len(rows)}: {ratio:.3f}  "
           f"[target <= 1.10 when a decode step takes >= 20 ms]")
-    _write_csv(args.out, rows)
+    write_rows(rows, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -203,21 +197,18 @@ def bench_latency(args: argparse.Namespace) -> int:
 def bench_throughput(args: argparse.Namespace) -> int:
     """Throughput: 2 pinned workers, K micro-batches no-bubbles vs the same micro-batches one after another."""
     from edgeshard_kit.pipeline import deploy
-    from edgeshard_kit.plan import make_plan
+    from edgeshard_kit.plan import make_plan, without_fixed_costs
+    from edgeshard_kit.problem import build_problem
 
     k = args.micro_batches
     tb = _local_testbed(2, pin=True)
     batch = k * args.micro_batch_size
-    runtime: dict = {}
-
-    def calibrate(profiles):  # the fixed costs per stage and per token, measured on these two pinned workers
+    profiles = quick_profiles(args.model, tb, args.dtype, batch, k, args.prompt_len, args.tokens, threads=1)
+    runtime = None
+    if args.calibrate:  # the fixed costs per stage and per token, measured on these two pinned workers
         from edgeshard_kit.overheads import calibrate_runtime
-        runtime.update(calibrate_runtime(args.model, tb, profiles, prompt_len=args.prompt_len,
-                                         log=print if args.calibrate else None))
-        return runtime
-
-    problem = quick_problem(args.model, tb, args.dtype, batch, k, args.prompt_len, args.tokens, threads=1,
-                            runtime=calibrate if args.calibrate else None)
+        runtime = calibrate_runtime(args.model, tb, profiles, prompt_len=args.prompt_len, log=print)
+    problem = build_problem(profiles, tb, quick_workload(batch, k, args.prompt_len, args.tokens), runtime)
     paper = without_fixed_costs(problem)
     stages = list(_half_plan(args.model, tb.names).stages)
     plan = make_plan(problem, stages, "throughput")
@@ -262,7 +253,7 @@ def bench_throughput(args: argparse.Namespace) -> int:
     print(f"median speedup {sp:.2f} [target >= 1.7], measured/predicted {vp:.2f} [target within 0.85..1.15] "
           f"({'calibrated fixed costs' if args.calibrate else 'no fixed costs'}; the paper's model: {vpp:.2f}), "
           f"measured/predicted-from-measured-stage-compute {vm:.2f}")
-    _write_csv(args.out, rows)
+    write_rows(rows, args.out)
     print(f"wrote {args.out}")
     return 0
 
@@ -346,7 +337,7 @@ def _cmd_bench_wire(args) -> int:
               f"GB/s over {len(rates)} frames")
     print(f"the kit's wire: {med['wire']:.2f} GB/s [target >= 1 GB/s], {med['wire'] / med['socket']:.2f}x plain TCP "
           f"on this host's loopback ({med['socket']:.2f} GB/s)")
-    _write_csv(args.out, rows)
+    write_rows(rows, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -111,11 +111,10 @@ def plan_for(profiles: dict, testbed, objective: str = "latency", prompt_len: in
     return problem, solve(problem, objective)
 
 
-def method_plans(problem) -> dict:
-    """EdgeShard (both objectives) and the four baselines, by method name (OOM ones have feasible=False)."""
+def edgeshard_plans(problem) -> dict:
+    """EdgeShard's optimum for both objectives, by method name (the KitError where nothing fits)."""
     from dataclasses import replace
 
-    from edgeshard_kit import baselines
     from edgeshard_kit.plan import solve
     out = {}
     for objective in ("latency", "throughput"):
@@ -123,6 +122,13 @@ def method_plans(problem) -> dict:
             out[f"EdgeShard-{objective}"] = replace(solve(problem, objective), method=f"EdgeShard-{objective}")
         except KitError as e:
             out[f"EdgeShard-{objective}"] = e
+    return out
+
+
+def method_plans(problem) -> dict:
+    """EdgeShard (both objectives) and the four baselines, by method name (OOM ones have feasible=False)."""
+    from edgeshard_kit import baselines
+    out = edgeshard_plans(problem)
     for plan in baselines.baselines(problem, "latency"):
         out[plan.method] = plan
     return out

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 
 class KitError(ValueError):
@@ -31,6 +33,14 @@ class Stage:
     @property
     def units(self) -> range:
         return range(self.start, self.end)
+
+
+def read_json(path, label: str = "") -> Any:
+    """The parsed JSON file at `path`; KitError "<label><path>: not valid JSON (why at line N)" otherwise."""
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise KitError(f"{label}{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def n_units(n_layers: int) -> int:

@@ -280,7 +280,7 @@ def test_stage_and_step_overheads_are_in_the_cost_model():
     assert problem_from_dict(p.to_dict()) == p  # the fields survive the problem file
     ev = evaluate(p, plan, micro_batches=1, tokens=4)
     assert ev["latency_ms"] == plan.latency_ms
-    from edgeshard_kit.runtime_cli import without_fixed_costs
+    from edgeshard_kit.plan import without_fixed_costs
     bare = without_fixed_costs(p)
     assert bare.step_ms == 0 and all(dv.stage_ms == 0 for dv in bare.devices) and bare.units == p.units
     assert figures(bare, [Stage("a", 0, 3)])["latency_ms"] == 9.0
