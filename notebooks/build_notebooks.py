@@ -88,7 +88,9 @@ out_dir = ""                       # results folder; empty: a new run folder und
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit import plots, results, steps
+from edgeshard_kit.experiments import plots
+from edgeshard_kit.experiments import results
+from edgeshard_kit.experiments import steps
 
 plots.notebook_renderer()
 run = results.new_run("01_profile_testbed", steps.params_of(globals()), root=results_root, out=out_dir or None)
@@ -145,7 +147,10 @@ out_dir = ""                 # results folder; empty: a new run folder under res
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit import interactive, plots, results, steps
+from edgeshard_kit.experiments import interactive
+from edgeshard_kit.experiments import plots
+from edgeshard_kit.experiments import results
+from edgeshard_kit.experiments import steps
 
 plots.notebook_renderer()
 run = results.new_run("02_plan_interactive", steps.params_of(globals()), root=results_root, out=out_dir or None)
@@ -189,7 +194,7 @@ out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit import experiment as ex, plots, results, steps
+from edgeshard_kit.experiments import benchmark as ex, plots, results, steps
 
 plots.notebook_renderer()
 run = results.new_run("03_deploy_and_generate", steps.params_of(globals()), root=results_root, out=out_dir or None)
@@ -253,7 +258,7 @@ out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit import experiment as ex, plots, results
+from edgeshard_kit.experiments import benchmark as ex, plots, results
 
 plots.notebook_renderer()
 run = results.new_run("04_benchmark_vs_baselines", ex.params_of(globals()), root=results_root, out=out_dir or None)
@@ -285,7 +290,7 @@ out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit import experiment as ex, plots, results
+from edgeshard_kit.experiments import benchmark as ex, plots, results
 
 plots.notebook_renderer()
 run = results.new_run("05_paper_reproduction", ex.params_of(globals()), root=results_root, out=out_dir or None)

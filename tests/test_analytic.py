@@ -4,11 +4,11 @@ import json
 
 import pytest
 
-from edgeshard_kit.analytic import (Efficiency, analytic_profile, calibrate, calibration_transfer, model_spec,
+from edgeshard_kit.profiling.analytic import (Efficiency, analytic_profile, calibrate, calibration_transfer, model_spec,
                                     total_params)
-from edgeshard_kit.catalog import CATALOG, get_device
-from edgeshard_kit.reference import analytic_vs_paper, paper_profiles, paper_testbed
-from edgeshard_kit.units import KitError
+from edgeshard_kit.profiling.catalog import CATALOG, get_device
+from edgeshard_kit.profiling.reference import analytic_vs_paper, paper_profiles, paper_testbed
+from edgeshard_kit.core.units import KitError
 
 
 @pytest.mark.parametrize("name,total", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
@@ -86,8 +86,8 @@ def test_analytic_vs_paper_rows():
 
 @pytest.fixture(scope="module")
 def two_tiny(tmp_path_factory):
-    from edgeshard_kit.checkpoint import write_tiny_checkpoint
-    from edgeshard_kit.measure import measure_profile
+    from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+    from edgeshard_kit.profiling.measure import measure_profile
 
     d = tmp_path_factory.mktemp("two")
     small = write_tiny_checkpoint(d / "s", layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
@@ -106,7 +106,7 @@ def test_calibrate_on_one_measured_size_predict_another(two_tiny):
 def test_cli_devices_and_analytic_vs_paper(tmp_path, capsys):
     import pandas as pd
 
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     assert main(["devices", "--json"]) == 0
     names = [d["name"] for d in json.loads(capsys.readouterr().out)]

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from edgeshard_kit.checkpoint import (INDEX_FILE, load_llama_config, load_tokenizer, unit_tensor_names,
+from edgeshard_kit.model.checkpoint import (INDEX_FILE, load_llama_config, load_tokenizer, unit_tensor_names,
                                       weight_files, write_tiny_checkpoint)
-from edgeshard_kit.units import KitError, n_units
+from edgeshard_kit.core.units import KitError, n_units
 
 SMALL = dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=320)
 

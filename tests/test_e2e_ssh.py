@@ -8,15 +8,16 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from edgeshard_kit import netns, probe
-from edgeshard_kit.checkpoint import write_tiny_checkpoint
-from edgeshard_kit.generate import generate_split
-from edgeshard_kit.pipeline import deploy
-from edgeshard_kit.plan import solve
-from edgeshard_kit.problem import Workload, build_problem
-from edgeshard_kit.profile import Profile
-from edgeshard_kit.ssh import SSHLauncher
-from edgeshard_kit.testbed import testbed_from_dict
+from edgeshard_kit.testbed import netns
+from edgeshard_kit.runtime import probe
+from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.model.generate import generate_split
+from edgeshard_kit.runtime.deployment import deploy
+from edgeshard_kit.planning.problem import solve
+from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.profiling.profile import Profile
+from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
+from edgeshard_kit.testbed.inventory import testbed_from_dict
 
 pytestmark = [
     pytest.mark.root, pytest.mark.slow,

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from edgeshard_kit.checkpoint import load_tokenizer, write_tiny_checkpoint
-from edgeshard_kit.generate import GenerationResult, encode_prompts, generate_split, sample_next
-from edgeshard_kit.units import KitError
+from edgeshard_kit.model.checkpoint import load_tokenizer, write_tiny_checkpoint
+from edgeshard_kit.model.generate import GenerationResult, encode_prompts, generate_split, sample_next
+from edgeshard_kit.core.units import KitError
 
 SMALL = dict(layers=3, hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=320)
 TOTAL = 5
@@ -117,7 +117,7 @@ def test_cli_generate_json_and_text(ckpt):
 ])
 def test_cli_bad_input(ckpt, args, message, capsys):
     """In-process through the CLI's main (one subprocess check of the real entry point follows)."""
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     if "--prompt" not in args and "--prompt-ids" not in args:
         args = [*args, "--prompt-ids", "1,2"]
@@ -135,7 +135,7 @@ def test_cli_bad_input_subprocess(ckpt, tmp_path):
 
 
 def test_bad_checkpoint(tmp_path, capsys):
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     assert main(["generate", "--model", str(tmp_path), "--prompt", "hi"]) == 2
@@ -145,7 +145,7 @@ def test_bad_checkpoint(tmp_path, capsys):
 
 
 def test_demo_split_matches_one_stage(ckpt, capsys):
-    from edgeshard_kit.demo import run_demo, three_way_split
+    from edgeshard_kit.experiments.demo import run_demo, three_way_split
 
     assert three_way_split(10) == [(0, 3), (3, 6), (6, 10)]
     assert run_demo(ckpt, max_new_tokens=3)
@@ -155,7 +155,7 @@ def test_demo_split_matches_one_stage(ckpt, capsys):
 def test_bench_overhead_writes_rows(ckpt, tmp_path):
     import csv
 
-    from edgeshard_kit.bench import measure_overhead, overhead_ratio, write_rows
+    from edgeshard_kit.bench.overhead import measure_overhead, overhead_ratio, write_rows
 
     rows = measure_overhead(ckpt, tokens=3, repeats=2)
     assert [r["impl"] for r in rows] == ["kit", "transformers", "transformers", "kit"]  # alternating

@@ -11,9 +11,9 @@ import psutil
 import pytest
 import yaml
 
-from edgeshard_kit import netns
-from edgeshard_kit.testbed import load_testbed
-from edgeshard_kit.units import KitError
+from edgeshard_kit.testbed import netns
+from edgeshard_kit.testbed.inventory import load_testbed
+from edgeshard_kit.core.units import KitError
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the emulated testbed needs root (namespaces, cgroups, tc)")
 HAVE_SSHD = pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"),

@@ -8,8 +8,8 @@ import nbformat
 import pandas as pd
 import pytest
 
-from edgeshard_kit import notebooks
-from edgeshard_kit.units import KitError
+from edgeshard_kit.experiments import notebooks
+from edgeshard_kit.core.units import KitError
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 

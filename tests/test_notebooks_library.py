@@ -4,8 +4,9 @@ import math
 
 import pytest
 
-from edgeshard_kit import experiment, interactive
-from edgeshard_kit.units import KitError
+from edgeshard_kit.experiments import benchmark as experiment
+from edgeshard_kit.experiments import interactive
+from edgeshard_kit.core.units import KitError
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +45,7 @@ def test_experiment_helpers():
 
 
 def test_with_cloud_mbps_reshapes_only_cloud_links(tmp_path):
-    from edgeshard_kit.testbed import testbed_from_dict
+    from edgeshard_kit.testbed.inventory import testbed_from_dict
     tb = testbed_from_dict({"name": "t", "devices": [
         {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
         {"name": "e1", "type": "a", "memory": "1GiB"},
@@ -61,7 +62,7 @@ def test_with_cloud_mbps_reshapes_only_cloud_links(tmp_path):
 
 
 def test_scale_memory_keeps_proportions_and_gives_the_source_its_share(tmp_path):
-    from edgeshard_kit.testbed import testbed_from_dict
+    from edgeshard_kit.testbed.inventory import testbed_from_dict
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
     tb = testbed_from_dict({"name": "t", "devices": [
         {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
@@ -76,7 +77,7 @@ def test_scale_memory_keeps_proportions_and_gives_the_source_its_share(tmp_path)
 
 
 def test_default_testbed_local_when_asked_and_emulated_only_when_possible(tmp_path):
-    from edgeshard_kit import netns
+    from edgeshard_kit.testbed import netns
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
     tb, why = experiment.default_testbed(tmp_path, 20, "local")
     assert tb.emulation == "app" and any(d.cloud for d in tb.devices) and why

@@ -39,7 +39,7 @@ def test_ci_runs_make_test():
 def test_every_command_module_registers_commands():
     import importlib
 
-    from edgeshard_kit.cli import COMMAND_MODULES, build_parser
+    from edgeshard_kit.cli.main import COMMAND_MODULES, build_parser
 
     for name in COMMAND_MODULES:
         mod = importlib.import_module(name)

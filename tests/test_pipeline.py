@@ -4,11 +4,11 @@ import psutil
 import pytest
 import torch
 
-from edgeshard_kit.checkpoint import write_tiny_checkpoint
-from edgeshard_kit.pipeline import deploy
-from edgeshard_kit.plan import Plan
-from edgeshard_kit import testbed as tbmod
-from edgeshard_kit.units import KitError, Stage
+from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.runtime.deployment import deploy
+from edgeshard_kit.planning.problem import Plan
+from edgeshard_kit.testbed import inventory as tbmod
+from edgeshard_kit.core.units import KitError, Stage
 
 PROMPTS = ["hello world", "a b c", "the cat sat", "x"]
 NEW = 6
@@ -33,7 +33,7 @@ def reference(ckpt):
     """Greedy tokens of transformers' own generate on one device, the padded batch at once."""
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from edgeshard_kit.generate import encode_prompts
+    from edgeshard_kit.model.generate import encode_prompts
 
     tok = AutoTokenizer.from_pretrained(ckpt)
     ids, mask = encode_prompts(tok, PROMPTS)
@@ -94,7 +94,7 @@ def test_sampling_is_reproducible_with_a_seed(two_workers):
 
 
 def test_sampling_matches_the_local_split(two_workers, ckpt):
-    from edgeshard_kit.generate import generate_split
+    from edgeshard_kit.model.generate import generate_split
 
     r = two_workers.generate(PROMPTS[:2], NEW, temperature=0.8, seed=3)
     ref = generate_split(ckpt, prompts=PROMPTS[:2], max_new_tokens=NEW, temperature=0.8, seed=3)
@@ -102,8 +102,8 @@ def test_sampling_matches_the_local_split(two_workers, ckpt):
 
 
 def test_token_ids_and_bad_arguments(two_workers, reference, ckpt):
-    from edgeshard_kit.checkpoint import load_tokenizer
-    from edgeshard_kit.generate import encode_prompts
+    from edgeshard_kit.model.checkpoint import load_tokenizer
+    from edgeshard_kit.model.generate import encode_prompts
 
     ids, mask = encode_prompts(load_tokenizer(ckpt), PROMPTS)
     r = two_workers.generate(ids, NEW, attention_mask=mask, mode="pipelined", micro_batches=2)

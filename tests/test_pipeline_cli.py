@@ -7,10 +7,10 @@ import sys
 import psutil
 import pytest
 
-from edgeshard_kit.checkpoint import write_tiny_checkpoint
-from edgeshard_kit.generate import generate_split
-from edgeshard_kit.plan import Plan, save_plan
-from edgeshard_kit.units import Stage
+from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.model.generate import generate_split
+from edgeshard_kit.planning.problem import Plan, save_plan
+from edgeshard_kit.core.units import Stage
 
 TESTBED = """name: t
 devices:
@@ -36,7 +36,7 @@ def _run(*args):
     out = subprocess.run([sys.executable, "-m", "edgeshard_kit", "generate", *map(str, args)],
                          capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
     workers = [p for p in psutil.process_iter(["pid", "cmdline"]) if p.pid not in before
-               and "edgeshard_kit.worker" in " ".join(p.info["cmdline"] or [])]
+               and "edgeshard_kit.runtime.worker" in " ".join(p.info["cmdline"] or [])]
     assert not workers, "generate left a worker process running"
     return out
 

@@ -8,11 +8,11 @@ import time
 import psutil
 import pytest
 
-from edgeshard_kit.checkpoint import write_tiny_checkpoint
-from edgeshard_kit.pipeline import PipelineError, deploy
-from edgeshard_kit.plan import Plan
-from edgeshard_kit import testbed as tbmod
-from edgeshard_kit.units import Stage
+from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.runtime.deployment import PipelineError, deploy
+from edgeshard_kit.planning.problem import Plan
+from edgeshard_kit.testbed import inventory as tbmod
+from edgeshard_kit.core.units import Stage
 
 BOUND_S = 10.0  # the documented bound: the coordinator names the failed stage within this many seconds
 

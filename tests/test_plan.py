@@ -7,14 +7,14 @@ import math
 
 import pytest
 
-from edgeshard_kit import dp
-from edgeshard_kit.baselines import (baselines, cloud_edge_even, cloud_edge_opt, edge_solo, latency_bottleneck_frontier,
+from edgeshard_kit.planning import dp
+from edgeshard_kit.planning.baselines import (baselines, cloud_edge_even, cloud_edge_opt, edge_solo, latency_bottleneck_frontier,
                                      memory_proportional, pareto, solve_constrained)
-from edgeshard_kit.cli import main
-from edgeshard_kit.plan import (Plan, evaluate, figures, load_plan, load_problem, make_plan, problem_from_dict,
+from edgeshard_kit.cli.main import main
+from edgeshard_kit.planning.problem import (Plan, evaluate, figures, load_plan, load_problem, make_plan, problem_from_dict,
                                 save_plan, save_problem, solve)
-from edgeshard_kit.schedule import timeline, timeline_figures
-from edgeshard_kit.units import KitError, Stage
+from edgeshard_kit.planning.schedule import timeline, timeline_figures
+from edgeshard_kit.core.units import KitError, Stage
 
 
 def two_devices(mbps: float = 8.0, mem_edge: float = 10, mem_cloud: float = 10) -> dict:
@@ -240,7 +240,7 @@ def test_relay_search_gives_up_cleanly():
 
 
 def test_solve_for_few_micro_batches_prefers_short_pipelines():
-    from edgeshard_kit.baselines import solve_for_micro_batches
+    from edgeshard_kit.planning.baselines import solve_for_micro_batches
 
     d = two_devices(mbps=80)
     for i in range(3):
@@ -260,9 +260,9 @@ def test_solve_for_few_micro_batches_prefers_short_pipelines():
 
 def test_stage_and_step_overheads_are_in_the_cost_model():
     """A fixed cost per stage makes splitting dearer; the per-token step cost is a constant of latency."""
-    from edgeshard_kit.plan import figures, problem_from_dict, solve
-    from edgeshard_kit.schedule import evaluate
-    from edgeshard_kit.units import Stage
+    from edgeshard_kit.planning.problem import figures, problem_from_dict, solve
+    from edgeshard_kit.planning.schedule import evaluate
+    from edgeshard_kit.core.units import Stage
 
     d = {"units": [{"mem_bytes": 1, "out_bytes": 0}] * 3,
          "devices": [{"name": "a", "memory_bytes": 10, "source": True, "unit_ms": [1, 4, 4], "stage_ms": 0.5},
@@ -280,7 +280,7 @@ def test_stage_and_step_overheads_are_in_the_cost_model():
     assert problem_from_dict(p.to_dict()) == p  # the fields survive the problem file
     ev = evaluate(p, plan, micro_batches=1, tokens=4)
     assert ev["latency_ms"] == plan.latency_ms
-    from edgeshard_kit.plan import without_fixed_costs
+    from edgeshard_kit.planning.problem import without_fixed_costs
     bare = without_fixed_costs(p)
     assert bare.step_ms == 0 and all(dv.stage_ms == 0 for dv in bare.devices) and bare.units == p.units
     assert figures(bare, [Stage("a", 0, 3)])["latency_ms"] == 9.0

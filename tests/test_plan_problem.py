@@ -7,13 +7,13 @@ import json
 import pytest
 import yaml
 
-from edgeshard_kit.analytic import analytic_profile
-from edgeshard_kit.cli import main
-from edgeshard_kit.plan import load_problem, solve
-from edgeshard_kit.problem import Workload, build_problem
-from edgeshard_kit.profile import save_profile
-from edgeshard_kit.testbed import load_testbed
-from edgeshard_kit.units import KitError
+from edgeshard_kit.profiling.analytic import analytic_profile
+from edgeshard_kit.cli.main import main
+from edgeshard_kit.planning.problem import load_problem, solve
+from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.profiling.profile import save_profile
+from edgeshard_kit.testbed.inventory import load_testbed
+from edgeshard_kit.core.units import KitError
 
 TESTBED = {
     "name": "t", "devices": [

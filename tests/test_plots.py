@@ -3,8 +3,8 @@
 import pandas as pd
 import pytest
 
-from edgeshard_kit import plots
-from edgeshard_kit.units import KitError, Stage
+from edgeshard_kit.experiments import plots
+from edgeshard_kit.core.units import KitError, Stage
 
 
 def test_partition_map_colors_units_by_stage():

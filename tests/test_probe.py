@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from edgeshard_kit import testbed as tbmod
-from edgeshard_kit.probe import PING_BYTES, link_figures, probe_testbed
+from edgeshard_kit.testbed import inventory as tbmod
+from edgeshard_kit.runtime.probe import PING_BYTES, link_figures, probe_testbed
 
 
 def test_link_figures_from_round_trips():

@@ -6,9 +6,9 @@ import math
 import pandas as pd
 import pytest
 
-from edgeshard_kit.profile import (Profile, UnitProfile, check_profile_matches, load_profile, merge_profiles,
+from edgeshard_kit.profiling.profile import (Profile, UnitProfile, check_profile_matches, load_profile, merge_profiles,
                                    profiles_frame, save_profile, scale_times)
-from edgeshard_kit.units import KitError
+from edgeshard_kit.core.units import KitError
 
 
 def make_profile(n_layers=2, device_type="dev-a", model="m", scale=1.0) -> Profile:
@@ -100,15 +100,15 @@ def test_malformed_files_name_file_and_field(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from edgeshard_kit.checkpoint import write_tiny_checkpoint
+    from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", layers=2, hidden=64, intermediate=128,
                                  heads=4, kv_heads=2, vocab=512)
 
 
 def test_measured_profile_on_tiny_checkpoint(tiny, tmp_path):
-    from edgeshard_kit.measure import measure_profile
-    from edgeshard_kit.stage import StageModel
+    from edgeshard_kit.profiling.measure import measure_profile
+    from edgeshard_kit.model.stage import StageModel
 
     p = measure_profile(tiny, repeats=2, warmup=1, prompt_len=8, kv_lens=(8, 16), progress=False)
     assert p.n_units == 4 and p.kv_lens == (8, 16) and p.ref_kv_len == 16
@@ -127,7 +127,7 @@ def test_measured_profile_on_tiny_checkpoint(tiny, tmp_path):
 
 
 def test_measure_refuses_bad_settings(tiny):
-    from edgeshard_kit.measure import measure_profile
+    from edgeshard_kit.profiling.measure import measure_profile
 
     with pytest.raises(KitError, match="repeats must be a positive integer"):
         measure_profile(tiny, repeats=0)
@@ -140,7 +140,7 @@ def test_measure_refuses_bad_settings(tiny):
 
 
 def test_cli_profile_to_stdout_is_pure_json(tiny, capsys):
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     rc = main(["profile", "--model", str(tiny), "--repeats", "1", "--warmup", "0", "--prompt-len", "4",
                "--kv-lens", "8", "--device-type", "edge-x", "--out", "-"])
@@ -152,7 +152,7 @@ def test_cli_profile_to_stdout_is_pure_json(tiny, capsys):
 
 
 def test_profile_check_runs_generate_against_the_profile(tiny):
-    from edgeshard_kit.profile_check import profile_check
+    from edgeshard_kit.bench.profile_check import profile_check
 
     rows = profile_check(tiny, repeats=1, warmup=0, rounds=1, new_tokens=3, prompt_len=4, progress=False)
     assert len(rows) == 1 and rows[0]["measured_ms"] > 0 and rows[0]["ratio"] > 0

@@ -6,9 +6,9 @@ import csv
 
 import pytest
 
-from edgeshard_kit.cli import main
-from edgeshard_kit.plan import solve
-from edgeshard_kit.reproduce import COLUMNS, paper_problem, reproduce
+from edgeshard_kit.cli.main import main
+from edgeshard_kit.planning.problem import solve
+from edgeshard_kit.experiments.paper import COLUMNS, paper_problem, reproduce
 
 
 def test_paper_problem_7b():

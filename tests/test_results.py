@@ -8,8 +8,8 @@ import pandas as pd
 import plotly.graph_objects as go
 import pytest
 
-from edgeshard_kit import results
-from edgeshard_kit.units import KitError
+from edgeshard_kit.experiments import results
+from edgeshard_kit.core.units import KitError
 
 
 def test_run_folder_round_trip(tmp_path):

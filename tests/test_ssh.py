@@ -16,10 +16,10 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgeshard_kit.launch import new_token
-from edgeshard_kit.ssh import SSHLauncher, connect, resolve_target, run_json
-from edgeshard_kit.testbed import Device
-from edgeshard_kit.units import KitError
+from edgeshard_kit.runtime.launchers import new_token
+from edgeshard_kit.runtime.ssh_launcher import SSHLauncher, connect, resolve_target, run_json
+from edgeshard_kit.testbed.inventory import Device
+from edgeshard_kit.core.units import KitError
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -203,7 +203,7 @@ def test_worker_lifecycle(sshd, tmp_path):
         assert bytes.fromhex(tok.read_text()) == token
         assert h.alive()
         proc = psutil.Process(h.pid)
-        assert proc.pid == os.getpgid(h.pid) and "edgeshard_kit.worker" in " ".join(proc.cmdline())
+        assert proc.pid == os.getpgid(h.pid) and "edgeshard_kit.runtime.worker" in " ".join(proc.cmdline())
         assert token.hex() not in h.log_tail(200)
     finally:
         h.stop()
@@ -215,9 +215,9 @@ def test_worker_lifecycle(sshd, tmp_path):
 
 COORDINATOR = """
 import sys, time
-from edgeshard_kit.launch import new_token
-from edgeshard_kit.ssh import SSHLauncher
-from edgeshard_kit.testbed import Device
+from edgeshard_kit.runtime.launchers import new_token
+from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
+from edgeshard_kit.testbed.inventory import Device
 dev = Device(name="box0", type="cpu", memory_bytes=1 << 30, launch="ssh", host="box", python=sys.executable)
 h = SSHLauncher(ssh_config=sys.argv[1], known_hosts=sys.argv[2], bind="127.0.0.1").start(dev, new_token())
 print(h.pid, h.remote_dir, flush=True)
@@ -240,7 +240,7 @@ def test_coordinator_sigterm_stops_remote_worker(sshd):
 
 
 def test_cli_ssh_check(sshd, tmp_path, capsys):
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     tb = tmp_path / "tb.yaml"
     tb.write_text(textwrap.dedent(f"""\

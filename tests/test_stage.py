@@ -11,9 +11,9 @@ import textwrap
 import pytest
 import torch
 
-from edgeshard_kit.checkpoint import write_tiny_checkpoint
-from edgeshard_kit.stage import StageModel
-from edgeshard_kit.units import KitError
+from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.model.stage import StageModel
+from edgeshard_kit.core.units import KitError
 
 LAYERS = 4
 TOTAL = LAYERS + 2
@@ -152,7 +152,7 @@ def test_stage_errors(ckpt):
 MEM_SCRIPT = textwrap.dedent("""
     import gc, json, sys, psutil, torch, transformers
     from transformers import AutoModelForCausalLM
-    from edgeshard_kit.stage import StageModel
+    from edgeshard_kit.model.stage import StageModel
     import transformers.masking_utils, transformers.models.llama.modeling_llama  # code, not weights: import first
     proc = psutil.Process()
     gc.collect(); before = proc.memory_info().rss

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from edgeshard_kit import testbed as tbm
-from edgeshard_kit.testbed import Device, Link, Testbed, format_size, load_testbed, parse_size
-from edgeshard_kit.units import KitError
+from edgeshard_kit.testbed import inventory as tbm
+from edgeshard_kit.testbed.inventory import Device, Link, Testbed, format_size, load_testbed, parse_size
+from edgeshard_kit.core.units import KitError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["local.yaml", "emulated.yaml", "jetson-cluster.example.yaml"]
@@ -172,7 +172,7 @@ def test_unshaped_spellings_and_dataclass_round_trip(tmp_path):
 
 
 def test_cli_check(tmp_path, capsys):
-    from edgeshard_kit.cli import main
+    from edgeshard_kit.cli.main import main
 
     assert main(["testbed", "check", str(ROOT / "testbed" / "emulated.yaml")]) == 0
     assert "cloud" in capsys.readouterr().out
@@ -182,7 +182,7 @@ def test_cli_check(tmp_path, capsys):
 
 
 def test_netns_names_and_ssh_resolution_without_root(tmp_path, monkeypatch):
-    from edgeshard_kit import netns
+    from edgeshard_kit.testbed import netns
 
     monkeypatch.setenv("EDGESHARD_STATE_DIR", str(tmp_path / "state"))
     jet = load_testbed(ROOT / "testbed" / "jetson-cluster.example.yaml")
@@ -203,7 +203,7 @@ def test_netns_names_and_ssh_resolution_without_root(tmp_path, monkeypatch):
 def test_up_without_root_says_app_level_emulation_is_used(monkeypatch):
     import os
 
-    from edgeshard_kit import netns
+    from edgeshard_kit.testbed import netns
 
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     with pytest.raises(KitError, match="needs root.*app-level emulation"):

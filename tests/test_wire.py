@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edgeshard_kit import wire
-from edgeshard_kit.launch import new_token, read_token_file, write_token_file
+from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.launchers import new_token, read_token_file, write_token_file
 
 
 def _sample(dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -160,7 +160,7 @@ def test_shaper_meters_at_the_link_rate():
 
 
 def test_shaper_for_testbed_links():
-    from edgeshard_kit.testbed import Link
+    from edgeshard_kit.testbed.inventory import Link
 
     assert wire.shaper_for(Link("a", "b", float("inf"), 0.0)) is None
     assert wire.shaper_for(Link("a", "b", 100.0, 1.0), mode="netns") is None
@@ -175,7 +175,7 @@ def test_bad_magic_names_problem():
 
 
 def test_loopback_benchmark_alternates_the_wire_and_plain_tcp():
-    from edgeshard_kit.runtime_cli import bench_loopback
+    from edgeshard_kit.cli.runtime import bench_loopback
     rows = bench_loopback(1 << 20, repeats=2)
     assert [r["impl"] for r in rows] == ["socket", "wire", "wire", "socket"]  # alternating, warm-ups dropped
     assert all(r["bytes"] == 1 << 20 and r["seconds"] > 0 and r["gb_per_s"] > 0 for r in rows)

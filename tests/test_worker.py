@@ -5,10 +5,10 @@ import socket
 import psutil
 import pytest
 
-from edgeshard_kit import wire
-from edgeshard_kit.launch import LocalLauncher, launcher_for, new_token, worker_command
-from edgeshard_kit.testbed import Device
-from edgeshard_kit.units import KitError
+from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.launchers import LocalLauncher, launcher_for, new_token, worker_command
+from edgeshard_kit.testbed.inventory import Device
+from edgeshard_kit.core.units import KitError
 
 DEV = Device(name="w0", type="cpu", memory_bytes=1 << 30)
 
@@ -30,7 +30,7 @@ def _raw(h, data: bytes) -> None:
 
 def test_worker_command_and_launcher_for():
     argv = worker_command("python3", 0, "/tmp/tok", bind="127.0.0.1")
-    assert argv == ["python3", "-m", "edgeshard_kit.worker", "--port", "0", "--token-file", "/tmp/tok",
+    assert argv == ["python3", "-m", "edgeshard_kit.runtime.worker", "--port", "0", "--token-file", "/tmp/tok",
                     "--bind", "127.0.0.1"]
     assert isinstance(launcher_for(DEV), LocalLauncher)
 

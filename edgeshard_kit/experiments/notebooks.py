@@ -1,0 +1,139 @@
+"""`edgeshard run-notebooks`: execute the kit's notebooks with papermill into one results folder."""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from edgeshard_kit.core.units import KitError
+
+KERNEL = "edgeshard-kit"
+NOTEBOOKS = {
+    "01": "01_profile_testbed.ipynb",
+    "02": "02_plan_interactive.ipynb",
+    "03": "03_deploy_and_generate.ipynb",
+    "04": "04_benchmark_vs_baselines.ipynb",
+    "05": "05_paper_reproduction.ipynb",
+}
+
+
+def notebooks_dir() -> Path:
+    """The repository's notebooks/ folder (next to the package)."""
+    return Path(__file__).resolve().parents[2] / "notebooks"
+
+
+def ensure_kernel(name: str = KERNEL) -> str:
+    """A kernelspec `name` that runs this interpreter; made in a temp folder (JUPYTER_PATH) if absent."""
+    from jupyter_client.kernelspec import KernelSpecManager, NoSuchKernel
+    try:
+        spec = KernelSpecManager().get_kernel_spec(name)
+        if Path(spec.argv[0]).resolve() == Path(sys.executable).resolve() or spec.argv[0] == sys.executable:
+            return name
+    except NoSuchKernel:
+        pass
+    # The installed spec is missing or runs another Python: point a private one at sys.executable.
+    from ipykernel.kernelspec import install
+    prefix = tempfile.mkdtemp(prefix="edgeshard-kernel-")
+    install(kernel_name=name, display_name="edgeshard-kit (this interpreter)", prefix=prefix)
+    share = str(Path(prefix) / "share" / "jupyter")
+    os.environ["JUPYTER_PATH"] = os.pathsep.join(p for p in (share, os.environ.get("JUPYTER_PATH")) if p)
+    return name
+
+
+def select(only: str | list[str] | None) -> list[str]:
+    """Notebook ids from "02,05" (or a list); all five when None."""
+    if not only:
+        return list(NOTEBOOKS)
+    ids = [s.strip().zfill(2) for s in (only.split(",") if isinstance(only, str) else only) if str(s).strip()]
+    bad = [i for i in ids if i not in NOTEBOOKS]
+    if bad:
+        raise KitError(f"--only: unknown notebook id(s) {bad}; choose from {list(NOTEBOOKS)}")
+    return ids
+
+
+def load_params(path: str | Path | None) -> dict[str, dict]:
+    """Per-notebook parameters from YAML: top-level keys apply to all, keys "01".."05" to one notebook."""
+    if not path:
+        return {}
+    import yaml
+    p = Path(path)
+    if not p.is_file():
+        raise KitError(f"--params: {p} does not exist")
+    data = yaml.safe_load(p.read_text()) or {}
+    if not isinstance(data, dict):
+        raise KitError(f"{p}: expected a mapping of parameter names to values")
+    common = {k: v for k, v in data.items() if str(k).zfill(2) not in NOTEBOOKS}
+    out = {"*": common}
+    for k, v in data.items():
+        if str(k).zfill(2) in NOTEBOOKS:
+            if not isinstance(v, dict):
+                raise KitError(f"{p}: section {k!r} must be a mapping of parameters")
+            out[str(k).zfill(2)] = v
+    return out
+
+
+def declared_parameters(nb_path: Path) -> set[str]:
+    """Names in a notebook's `parameters` cell."""
+    import papermill as pm
+    return set(pm.inspect_notebook(str(nb_path)))
+
+
+def run_notebooks(out: str | Path | None = None, params: dict[str, dict] | None = None, only: Any = None,
+                  root: str | Path = "results", nb_dir: str | Path | None = None, progress: bool = False) -> Path:
+    """Execute the chosen notebooks; each writes `<out>/<stem>/` (its CSVs, figures, the executed notebook)."""
+    import papermill as pm
+
+    from edgeshard_kit.experiments.results import new_run
+    params = params or {}
+    nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
+    ids = select(only)
+    run = new_run("notebooks", {"only": ids, "params": params}, root=root, out=out)
+    kernel = ensure_kernel()
+    done, failed = [], None
+    for nid in ids:
+        src = nb_dir / NOTEBOOKS[nid]
+        if not src.is_file():
+            raise KitError(f"notebook {src} does not exist")
+        declared = declared_parameters(src)
+        wanted = {**params.get("*", {}), **params.get(nid, {})}
+        unknown = set(params.get(nid, {})) - declared
+        if unknown:
+            raise KitError(f"{src.name}: no parameter(s) {sorted(unknown)}; it declares {sorted(declared)}")
+        given = {k: v for k, v in wanted.items() if k in declared}
+        dest = run.path / src.stem
+        dest.mkdir(parents=True, exist_ok=True)
+        given["out_dir"] = str(dest.resolve())
+        print(f"[run-notebooks] {src.name} -> {dest}", flush=True)
+        try:
+            # cwd = notebooks/ so the notebooks' relative paths mean the same here as in JupyterLab.
+            pm.execute_notebook(str(src), str(dest / src.name), parameters=given, kernel_name=kernel,
+                                cwd=str(nb_dir), progress_bar=progress)
+        except pm.PapermillExecutionError as e:
+            failed = f"{src.name}: cell {e.exec_count}: {e.ename}: {e.evalue}".splitlines()[0]
+            break
+        done.append(src.stem)
+    run.record(notebooks=done)
+    run.finish(status="failed" if failed else "ok", **({"error": failed} if failed else {}))
+    if failed:
+        raise KitError(f"notebook failed ({failed}); executed copy in {run.path}")
+    return run.path
+
+
+def _cmd_run(args) -> int:
+    path = run_notebooks(out=args.out, params=load_params(args.params), only=args.only, root=args.root,
+                         progress=args.progress)
+    print(f"executed notebooks and their results are in {path}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into results/<run-id>/")
+    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..05 per notebook")
+    p.add_argument("--out", help="results folder to write (default results/<utc-time>-notebooks)")
+    p.add_argument("--only", help="comma-separated notebook ids, e.g. 02,05")
+    p.add_argument("--root", default="results", help="where new run folders go")
+    p.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
+    p.set_defaults(func=_cmd_run)

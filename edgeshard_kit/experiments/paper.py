@@ -1,0 +1,161 @@
+"""The EdgeShard paper reproduced by simulation: its testbed, measured 7B profiles, calibrated 13B/70B; `reproduce-paper`."""
+
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+from edgeshard_kit.planning.problem import Plan, Problem, solve
+from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.experiments.results import write_rows
+from edgeshard_kit.core.units import KitError
+
+GIB = 2**30
+MODELS = ("llama2-7b", "llama2-13b", "llama2-70b")
+CLOUD_MBPS = (1, 2, 5, 10, 20, 50)
+EDGE_MBPS = 1000.0  # the paper's switch
+MESSAGE_MS = 2.1  # the scripts' fixed cost per message (transfer_time_model_ms)
+COLUMNS = ["model", "method", "objective", "schedule", "cloud_mbps", "micro_batches", "latency_ms",
+           "throughput_per_s", "bottleneck_ms", "n_devices", "devices", "stages", "feasible", "reason"]
+
+
+def paper_testbed_obj(cloud_mbps: float) -> SimpleNamespace:
+    """The paper's testbed in testbed.py's shape: 12 AGX Orin (agx0 = source), 2 Orin NX, 1 RTX 3090 (cloud)."""
+    from edgeshard_kit.profiling.reference import paper_testbed
+    from edgeshard_kit.testbed.inventory import Device, Link
+
+    facts = paper_testbed()
+    budget = facts["memory_budget_gb"]  # the scripts' GB are GiB (0.754 GB per 7B layer = 202M x 4 B / 2^30)
+    devices = []
+    for dtype, count in facts["devices"].items():
+        short = {"jetson-agx-orin-32gb": "agx", "jetson-orin-nx-16gb": "nx", "rtx-3090-24gb": "rtx"}[dtype]
+        for i in range(count):
+            devices.append(Device(name=f"{short}{i}", type=dtype, memory_bytes=int(budget[dtype] * GIB),
+                                  source=(short == "agx" and i == 0), cloud=(short == "rtx")))
+    devices.sort(key=lambda d: not d.source)
+    cloud = [d.name for d in devices if d.cloud]
+    default = Link("*", "*", EDGE_MBPS, MESSAGE_MS)
+    pairs = tuple(Link(a.name, b.name, float(cloud_mbps), MESSAGE_MS) for a in devices for b in devices
+                  if a is not b and (a.name in cloud or b.name in cloud))
+
+    def link(src: str, dst: str) -> Link:
+        for ln in pairs:
+            if ln.src == src and ln.dst == dst:
+                return ln
+        return Link(src, dst, default.mbps, default.latency_ms)
+
+    return SimpleNamespace(name=f"edgeshard-paper-{cloud_mbps}mbps", devices=tuple(devices), default=default,
+                           links=pairs, link=link)
+
+
+def model_profiles(model: str) -> dict:
+    """Per device type: the paper's measured 7B profile, or the roofline calibrated on it for 13B / 70B."""
+    from edgeshard_kit.profiling.reference import paper_profiles
+
+    measured = paper_profiles()
+    if model == "llama2-7b":
+        return measured
+    from dataclasses import replace
+
+    from edgeshard_kit.profiling.analytic import analytic_profile, calibrate, model_spec
+
+    spec = model_spec(model)
+    out = {}
+    for dev, prof in measured.items():
+        eff = calibrate(prof, "llama2-7b", dev)
+        p = analytic_profile(model, dev, dtype="float32", batch=1, prompt_len=32, kv_lens=(32, 80, 127),
+                             efficiency=eff)
+        # Activations as the scripts count them for 7B (4 x hidden x 4 bytes, i.e. 65536 for 7B), scaled by hidden.
+        act = 65536 * spec.hidden_size // 4096
+        units = tuple(replace(u, out_bytes_per_token=act if u.unit < spec.n_units - 1 else 512000) for u in p.units)
+        out[dev] = replace(p, units=units)
+    return out
+
+
+def paper_problem(model: str = "llama2-7b", cloud_mbps: float = 10, micro_batches: int = 1) -> Problem:
+    """The planning problem of the paper's testbed (32 prompt tokens, 96 generated, fp32)."""
+    if model not in MODELS:
+        raise KitError(f"model {model!r}: choose one of {', '.join(MODELS)}")
+    # The source gets the sampled token back (4 bytes per sequence), plus the fixed per-message cost.
+    wl = Workload(prompt_len=32, gen_tokens=96, batch=micro_batches, micro_batches=micro_batches,
+                  return_bytes=4)
+    return build_problem(model_profiles(model), paper_testbed_obj(cloud_mbps), wl)
+
+
+def _row(model: str, plan: Plan, objective: str, schedule: str, mbps: float, k: int, latency: float,
+         throughput: float) -> dict:
+    devs = plan.devices
+    kinds: dict[str, int] = {}
+    for d in devs:
+        kinds[d.rstrip("0123456789")] = kinds.get(d.rstrip("0123456789"), 0) + 1
+    ok = plan.feasible
+    return {"model": model, "method": plan.method, "objective": objective, "schedule": schedule,
+            "cloud_mbps": mbps, "micro_batches": k, "latency_ms": round(latency, 3) if ok else "",
+            "throughput_per_s": round(throughput, 3) if ok else "",
+            "bottleneck_ms": round(plan.bottleneck_ms, 3) if ok else "",
+            "n_devices": len(devs), "devices": " + ".join(f"{n} {t}" for t, n in kinds.items()),
+            "stages": " ".join(f"{s.device}:{s.start}-{s.end}" for s in plan.stages), "feasible": ok,
+            "reason": plan.reason}
+
+
+def reproduce(models=MODELS, cloud_mbps=CLOUD_MBPS, tokens: int = 96, micro_batches: int | None = None) -> list[dict]:
+    """Rows of the reproduction: EdgeShard (latency, throughput x schedules) and the baselines per bandwidth."""
+    from edgeshard_kit.planning.baselines import baselines
+    from edgeshard_kit.planning.schedule import timeline, timeline_figures
+
+    rows = []
+    for model in models:
+        for mbps in cloud_mbps:
+            problem = paper_problem(model, mbps)
+            for objective in ("latency", "throughput"):
+                try:
+                    best = [solve(problem, objective)]
+                except KitError as e:
+                    best = []
+                    rows.append({**{c: "" for c in COLUMNS}, "model": model, "method": "edgeshard",
+                                 "objective": objective, "cloud_mbps": mbps, "feasible": False, "reason": str(e)})
+                for plan in best + baselines(problem, objective):
+                    if objective == "latency":  # one request, no pipelining: tokens/s = 1000 / latency
+                        rows.append(_row(model, plan, objective, "sequential", mbps, 1, plan.latency_ms,
+                                         problem.micro_batch_size * 1000.0 / plan.latency_ms))
+                        continue
+                    # enough micro-batches to fill the pipeline: a token's round trip over the bottleneck
+                    k = micro_batches or max(len(plan.stages), math.ceil(plan.latency_ms / plan.bottleneck_ms - 1e-9))
+                    for sched in ("bubbles", "no-bubbles"):
+                        if not plan.feasible:
+                            rows.append(_row(model, plan, objective, sched, mbps, k, math.nan, math.nan))
+                            continue
+                        tf = timeline_figures(timeline(problem, plan, k, tokens, sched), problem.micro_batch_size)
+                        rows.append(_row(model, plan, objective, sched, mbps, k, tf["token_interval_ms"],
+                                         tf["throughput_per_s"]))
+    return rows
+
+
+def summary(rows: list[dict]) -> str:
+    """The EdgeShard and baseline figures per model at the highest bandwidth, as text lines."""
+    lines = []
+    for r in rows:
+        if r["cloud_mbps"] == max(x["cloud_mbps"] for x in rows) and r["schedule"] in ("sequential", "no-bubbles"):
+            fig = (f"{r['latency_ms']:>9} ms/token {r['throughput_per_s']:>8} tokens/s" if r["feasible"]
+                   else f"OUT OF MEMORY ({r['reason'][:60]})")
+            lines.append(f"{r['model']:<11} {r['objective']:<10} {r['method']:<20} {fig}  {r['devices']}")
+    return "\n".join(lines)
+
+
+def cmd_reproduce(args) -> int:
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    mbps = tuple(float(x) for x in args.cloud_mbps.split(","))
+    rows = reproduce(models, mbps, tokens=args.tokens)
+    p = write_rows(rows, args.out, COLUMNS)
+    print(summary(rows))
+    print(f"wrote {p} ({len(rows)} rows)")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("reproduce-paper", help="simulate the EdgeShard paper's experiments (7B/13B/70B, 1-50 Mbps)")
+    p.add_argument("--out", default="results/paper_reproduction.csv")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--cloud-mbps", default=",".join(str(x) for x in CLOUD_MBPS), help="cloud link bandwidths")
+    p.add_argument("--tokens", type=int, default=96, help="generated tokens per micro-batch in the timeline")
+    p.set_defaults(func=cmd_reproduce)

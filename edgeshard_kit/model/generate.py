@@ -1,0 +1,240 @@
+"""Split generation on one host: prompt encoding, greedy/top-p sampling, the stage loop, timings, `edgeshard generate`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgeshard_kit.model.checkpoint import load_llama_config, load_tokenizer
+from edgeshard_kit.model.stage import StageModel, parse_device, synchronize
+from edgeshard_kit.core.units import KitError, n_units, parse_split, validate_ranges
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """Generated tokens (per sequence, prompt excluded), their text, and timings in ms."""
+
+    tokens: list[list[int]]
+    text: list[str]
+    per_token_ms: list[float]  # one entry per decode step (token 2..N); token 1 is in prefill_ms
+    prefill_ms: float  # prompt pass through all stages + choosing the first token
+    split: list[tuple[int, int]] = field(default_factory=list)
+    logits: list | None = field(default=None, repr=False, compare=False)  # per step (B, V) float32, tests only
+
+    def to_dict(self) -> dict:
+        """JSON-ready dict (logits left out)."""
+        d = asdict(self)
+        d.pop("logits")
+        d["split"] = [list(r) for r in self.split]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GenerationResult":
+        return cls(tokens=[list(t) for t in d["tokens"]], text=list(d["text"]), per_token_ms=list(d["per_token_ms"]),
+                   prefill_ms=float(d["prefill_ms"]), split=[tuple(r) for r in d.get("split", [])])
+
+
+def encode_prompts(tokenizer, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize prompts into left-padded ids (B, T) int64 and a 0/1 mask (B, T) int64."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    if not prompts:
+        raise KitError("no prompt given")
+    for i, p in enumerate(prompts):
+        if not p or not p.strip():
+            raise KitError(f"prompt {i} is empty")
+    tokenizer.padding_side = "left"
+    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
+    return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)
+
+
+def pad_prompt_ids(prompt_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids as a tensor (B, T) or list(s) of ints -> left-padded ids and mask."""
+    if isinstance(prompt_ids, torch.Tensor):
+        ids = prompt_ids.to(torch.long)
+        ids = ids[None, :] if ids.dim() == 1 else ids
+        if ids.dim() != 2 or ids.shape[1] == 0:
+            raise KitError("prompt ids must be a non-empty (B, T) tensor")
+        return ids, torch.ones_like(ids)
+    seqs = [list(prompt_ids)] if prompt_ids and isinstance(list(prompt_ids)[0], int) else [list(s) for s in prompt_ids]
+    if not seqs or any(len(s) == 0 for s in seqs):
+        raise KitError("prompt ids are empty")
+    width = max(len(s) for s in seqs)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in seqs], dtype=torch.long)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long)
+    return ids, mask
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token per row of logits (B, V): argmax when temperature == 0, else temperature + nucleus (top-p)."""
+    if temperature < 0 or not 0 < top_p <= 1:
+        raise KitError(f"temperature must be >= 0 and top-p in (0, 1], got {temperature} and {top_p}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    out_device = logits.device
+    if generator is not None and generator.device != logits.device:
+        logits = logits.to(generator.device)  # the generator's device decides, so splits on any device agree
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the tokens ranked above it already reach top_p (the top one is always kept).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0].to(out_device)
+
+
+def build_stages(checkpoint: str | Path, ranges: list[tuple[int, int]], dtype: str = "float32",
+                 device: str = "cpu") -> list[StageModel]:
+    """Check that the ranges cover the model's units exactly, then build one StageModel per range."""
+    config = load_llama_config(checkpoint)
+    validate_ranges([tuple(r) for r in ranges], n_units(config.num_hidden_layers))
+    return [StageModel(checkpoint, a, b, dtype=dtype, device=device) for a, b in ranges]
+
+
+def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int,
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
+               pad_token_id: int = 0, keep_logits: bool = False) -> tuple[torch.Tensor, float, list[float], list]:
+    """The generation loop over built stages: returns (tokens (B, N), prefill_ms, per_token_ms, logits)."""
+    if max_new_tokens < 1:
+        raise KitError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    vocab = stages[0].config.vocab_size
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
+        bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+        raise KitError(f"token id {bad} is outside the vocabulary [0, {vocab})")
+    device = stages[-1].device
+    gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
+    caches = [s.new_cache() for s in stages]
+    finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
+    out, logits_log, step_ms = [], [], []
+    x, m = ids, mask
+    prefill_ms = 0.0
+    for step in range(max_new_tokens):
+        t0 = time.perf_counter()
+        for stage, cache in zip(stages, caches):
+            x = stage.forward(x, cache, m)
+        tok = sample_next(x, temperature, top_p, gen)
+        if eos_token_id is not None:
+            # Finished rows keep producing pad tokens, as HF generate does.
+            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
+            finished = finished | (tok == eos_token_id)
+        synchronize(device)
+        ms = (time.perf_counter() - t0) * 1e3
+        if step == 0:
+            prefill_ms = ms
+        else:
+            step_ms.append(ms)
+        if keep_logits:
+            logits_log.append(x.cpu())
+        out.append(tok)
+        if eos_token_id is not None and bool(finished.all()):
+            break
+        x, m = tok[:, None], None
+    return torch.stack(out, dim=1).cpu(), prefill_ms, step_ms, logits_log
+
+
+def generate_split(checkpoint: str | Path, ranges: list[tuple[int, int]] | None = None, prompt_ids=None,
+                   max_new_tokens: int = 16, *, prompts: str | list[str] | None = None,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "float32",
+                   device: str = "cpu", stop_at_eos: bool = False, attention_mask: torch.Tensor | None = None,
+                   keep_logits: bool = False, stages: list[StageModel] | None = None) -> GenerationResult:
+    """Generate with the model split into stages `ranges` (None = one stage), all on this host."""
+    config = load_llama_config(checkpoint)
+    total = n_units(config.num_hidden_layers)
+    if ranges is None and stages is not None:
+        ranges = [(s.start, s.end) for s in stages]
+    ranges = [tuple(r) for r in (ranges or [(0, total)])]
+    validate_ranges(ranges, total)
+    parse_device(device)
+    if max_new_tokens < 1:
+        raise KitError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    sample_next(torch.zeros(1, 1), temperature, top_p)  # checks temperature and top-p before loading weights
+    if (prompt_ids is None) == (prompts is None):
+        raise KitError("give exactly one of prompt ids or prompt text")
+    tokenizer = load_tokenizer(checkpoint) if prompts is not None or _has_tokenizer(checkpoint) else None
+    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
+    if prompts is not None:
+        ids, mask = encode_prompts(tokenizer, prompts)
+    else:
+        ids, mask = pad_prompt_ids(prompt_ids, pad_id)
+        if attention_mask is not None:
+            mask = attention_mask.to(torch.long)
+    if stages is None:
+        stages = build_stages(checkpoint, ranges, dtype=dtype, device=device)
+    eos = config.eos_token_id if stop_at_eos else None
+    eos = eos[0] if isinstance(eos, list) else eos
+    toks, prefill_ms, step_ms, logits = run_stages(stages, ids, mask, max_new_tokens, temperature, top_p, seed,
+                                                   eos, pad_id, keep_logits)
+    tokens = toks.tolist()
+    text = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else [""] * len(tokens)
+    return GenerationResult(tokens=tokens, text=text, per_token_ms=step_ms, prefill_ms=prefill_ms, split=ranges,
+                            logits=logits if keep_logits else None)
+
+
+def _has_tokenizer(checkpoint: str | Path) -> bool:
+    return (Path(checkpoint) / "tokenizer.json").is_file() or (Path(checkpoint) / "tokenizer.model").is_file()
+
+
+def _parse_ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise KitError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from None
+
+
+def _add_generate_parser(sub) -> argparse.ArgumentParser:
+    """The `generate` parser; the runtime adds its own options (--testbed, --plan, ...) to what this returns."""
+    p = sub.add_parser("generate", help="generate text with the model split into stages (on this host by default)")
+    p.add_argument("--model", required=True, help="Llama checkpoint directory")
+    p.add_argument("--split", default=None,
+                   help="half-open unit ranges covering [0, layers+2), e.g. 0:3,3:7,7:10 (default: one stage)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-ids", action="append", help="prompt token ids, e.g. 1,2,3 (repeat for a batch)")
+    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
+    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-sequence token")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return p
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    config = load_llama_config(args.model)
+    total = n_units(config.num_hidden_layers)
+    ranges = parse_split(args.split, total) if args.split else [(0, total)]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+              dtype=args.dtype, device=args.device, stop_at_eos=args.stop_at_eos)
+    if args.prompt is not None:
+        res = generate_split(args.model, ranges, prompts=args.prompt, **kw)
+    else:
+        res = generate_split(args.model, ranges, prompt_ids=[_parse_ids(t) for t in args.prompt_ids], **kw)
+    print_result(res, as_json=args.json)
+    return 0
+
+
+def print_result(res: GenerationResult, as_json: bool = False) -> None:
+    """Print a result as one JSON object, or as text plus a timing summary."""
+    if as_json:
+        print(json.dumps(res.to_dict()))
+        return
+    for i, (t, toks) in enumerate(zip(res.text, res.tokens)):
+        print(f"[{i}] {t!r}  tokens={toks}")
+    split = ",".join(f"{a}:{b}" for a, b in res.split)
+    steps = sorted(res.per_token_ms)
+    med = f"{steps[len(steps) // 2]:.2f} ms" if steps else "n/a"
+    print(f"split {split}: prefill {res.prefill_ms:.2f} ms, per token median {med} over {len(steps)} decode steps")
+
+
+def add_commands(sub) -> None:
+    """Register `edgeshard generate`."""
+    _add_generate_parser(sub).set_defaults(func=_cmd_generate)

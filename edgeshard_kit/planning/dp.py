@@ -1,0 +1,187 @@
+"""Exact solvers: latency and throughput DP over device types with used-device counts (relay search: relay.py).
+
+Default variant (each device runs at most one contiguous stage). Identical devices (same unit times,
+memory and links) are merged into a type with a count, so the DP state is (units done, type of the
+last stage, how many devices of each type are used): O(N^2 * T^2 * prod(count_t + 1)) work,
+vectorised with numpy over the count vectors. With M distinct devices this is the paper's
+O(N^2 2^M M^2); the paper's 15-device testbed has 3 types and only 13*3*2 count vectors.
+
+The relay variant (a device may host several stages) is an exact A* search, in relay.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from edgeshard_kit.core.units import Stage
+
+_EPS = 1e-9
+
+
+def device_types(problem) -> list[list[int]]:
+    """Groups of interchangeable devices (swapping two of them changes nothing but names)."""
+    m = len(problem.devices)
+    names = problem.names
+    lat = np.zeros((m, m))
+    inv = np.zeros((m, m))
+    for a in range(m):
+        for b in range(m):
+            if a != b:
+                ln = problem.link(names[a], names[b])
+                lat[a, b], inv[a, b] = ln.latency_ms, (0.0 if math.isinf(ln.mbps) else 8.0 / (ln.mbps * 1000.0))
+
+    def swappable(a: int, b: int) -> bool:
+        da, db = problem.devices[a], problem.devices[b]
+        if da.unit_ms != db.unit_ms or da.memory_bytes != db.memory_bytes or da.stage_ms != db.stage_ms:
+            return False
+        others = [x for x in range(m) if x not in (a, b)]
+        return (np.array_equal(lat[a, others], lat[b, others]) and np.array_equal(lat[others, a], lat[others, b])
+                and np.array_equal(inv[a, others], inv[b, others]) and np.array_equal(inv[others, a], inv[others, b])
+                and lat[a, b] == lat[b, a] and inv[a, b] == inv[b, a])
+
+    groups: list[list[int]] = []
+    for i in range(m):
+        for g in groups:
+            if all(swappable(i, j) for j in g):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    src = problem.source
+    groups.sort(key=lambda g: src not in g)  # the source's type first
+    g0 = groups[0]
+    g0.remove(src)
+    g0.insert(0, src)
+    return groups
+
+
+class _Tables:
+    """Per-type arrays the DPs share: prefix times, memory windows, transfer times, count vectors."""
+
+    def __init__(self, problem, cap_ms: float):
+        self.groups = device_types(problem)
+        T = self.T = len(self.groups)
+        N = self.N = problem.n_units
+        rep = [g[0] for g in self.groups]
+        self.counts = np.array([len(g) for g in self.groups])
+        self.P = np.zeros((T, N + 1))
+        for t, i in enumerate(rep):
+            self.P[t, 1:] = np.cumsum(problem.devices[i].unit_ms)
+        self.Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
+        self.mem = np.array([problem.devices[i].memory_bytes for i in rep])
+        self.O = np.array([problem.devices[i].stage_ms for i in rep])  # fixed cost of a stage on type t
+        # lo[t, e]: the smallest start s such that units [s, e) fit type t's memory (and the cap)
+        self.lo = np.zeros((T, N + 1), dtype=int)
+        for t in range(T):
+            lo = np.searchsorted(self.Q, self.Q - self.mem[t] * (1 + 1e-12) - 1e-6, side="left")
+            if math.isfinite(cap_ms):
+                lo = np.maximum(lo, np.searchsorted(self.P[t], self.P[t] - (cap_ms - self.O[t]) - _EPS, side="left"))
+            self.lo[t] = lo
+        names = problem.names
+        out = np.array([0.0] + [u.out_bytes for u in problem.units])  # out[s] = bytes into a stage at s
+        # Tr[s, l, t]: transfer into a stage starting at unit s on type t from a stage on type l
+        self.Tr = np.full((N + 1, T, T), np.inf)
+        self.ret = np.zeros(T)
+        src = names[problem.source]
+        for l in range(T):
+            for t in range(T):
+                if t == l and len(self.groups[t]) < 2:
+                    continue
+                b = self.groups[t][1] if t == l else rep[t]
+                ln = problem.link(names[rep[l]], names[b])
+                self.Tr[:, l, t] = ln.transfer_ms(out)
+            a = self.groups[l][1] if (l == 0 and len(self.groups[0]) > 1) else rep[l]
+            self.ret[l] = problem.transfer_ms(names[a], src, problem.return_bytes)
+        self.Tr[self.Tr > cap_ms + _EPS] = np.inf
+        self.stride = np.cumprod(np.concatenate([[1], self.counts[:-1] + 1])).astype(int)
+        self.S = int(np.prod(self.counts + 1))
+        idx = np.arange(self.S)
+        self.cnt = (idx[None, :] // self.stride[:, None]) % (self.counts[:, None] + 1)  # (T, S)
+        self.full = self.cnt >= self.counts[:, None]  # type t exhausted in count vector C
+        # final transfer back to the source; zero when the only stage is the source's
+        self.ret_cs = np.broadcast_to(self.ret[:, None], (T, self.S)).copy()
+        self.ret_cs[0, self.stride[0]] = 0.0
+        self.ret_cs[self.ret_cs > cap_ms + _EPS] = np.inf
+
+
+def _default_dp(problem, objective: str, cap_ms: float):
+    """The default-variant DP; returns (best value, stages) or None."""
+    tb = _Tables(problem, cap_ms)
+    T, N, S, P = tb.T, tb.N, tb.S, tb.P
+    D = np.full((N + 1, T, S), np.inf)
+    PS = np.zeros((N + 1, T, S), dtype=np.int32)  # start of the last stage
+    A = np.full((N + 1, T, S), np.inf)  # best value entering a stage at s on type t (latency: minus P[t, s])
+    AL = np.zeros((N + 1, T, S), dtype=np.int16)  # ... and the type of the stage before it
+    s0 = tb.stride[0]
+    for e in range(1, N + 1):  # the first stage: the source, units [0, e)
+        if tb.lo[0, e] == 0:
+            D[e, 0, s0] = P[0, e] + tb.O[0]
+    lat = objective == "latency"
+    for e in range(1, N + 1):
+        for t in range(T):
+            lo = max(int(tb.lo[t, e]), 1)
+            if lo >= e:
+                continue
+            W = A[lo:e, t, :]
+            if not lat:
+                W = np.maximum(W, (P[t, e] - P[t, lo:e] + tb.O[t])[:, None])
+            k = W.argmin(axis=0)
+            v = W[k, np.arange(S)] + (P[t, e] + tb.O[t] if lat else 0.0)
+            st = tb.stride[t]
+            cand, cur = v[: S - st], D[e, t, st:]
+            better = cand < cur
+            cur[better] = cand[better]
+            PS[e, t, st:][better] = (k[: S - st] + lo)[better]
+        if e < N:
+            for t in range(T):
+                X = D[e] + tb.Tr[e, :, t][:, None] if lat else np.maximum(D[e], tb.Tr[e, :, t][:, None])
+                X[:, tb.full[t]] = np.inf
+                AL[e, t] = X.argmin(axis=0)
+                A[e, t] = X[AL[e, t], np.arange(S)] - (P[t, e] if lat else 0.0)
+    final = D[N] + tb.ret_cs if lat else np.maximum(D[N], tb.ret_cs)
+    if not np.isfinite(final).any():
+        return None
+    t, c = np.unravel_index(int(np.argmin(final)), final.shape)
+    best = float(final[t, c]) + (problem.step_ms if lat else 0.0)
+    # walk back: (end, type, counts) -> stages with types; then give each type's devices in order
+    typed, e = [], N
+    while True:
+        if t == 0 and c == s0:  # the first stage (only the source used so far)
+            typed.append((0, 0, e))
+            break
+        s = int(PS[e, t, c])
+        prev_c = c - tb.stride[t]
+        typed.append((t, s, e))
+        t, c, e = int(AL[s, t, prev_c]), prev_c, s
+    typed.reverse()
+    used = {g: 0 for g in range(T)}
+    stages = []
+    for t, s, e in typed:
+        stages.append(Stage(problem.devices[tb.groups[t][used[t]]].name, s, e))
+        used[t] += 1
+    return best, stages
+
+
+def solve_stages(problem, objective: str, relay: bool = False, cap_ms: float = math.inf,
+                 max_states: int = 20_000) -> list[Stage] | None:
+    """The optimal stage list for the objective (None when nothing fits)."""
+    if relay:
+        from edgeshard_kit.planning.relay import relay_search
+
+        out = relay_search(problem, objective, cap_ms, max_states)
+    else:
+        out = _default_dp(problem, objective, cap_ms)
+    return None if out is None else out[1]
+
+
+def solve_value(problem, objective: str, relay: bool = False, cap_ms: float = math.inf) -> float | None:
+    """The optimal objective value (ms), or None when nothing fits."""
+    if relay:
+        from edgeshard_kit.planning.relay import relay_search
+
+        out = relay_search(problem, objective, cap_ms, 20_000)
+    else:
+        out = _default_dp(problem, objective, cap_ms)
+    return None if out is None else out[0]

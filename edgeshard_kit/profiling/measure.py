@@ -1,0 +1,295 @@
+"""The measured profiler: time every unit inside real prefill and decode steps of a StageModel; CLI handlers of `profile`."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from edgeshard_kit.profiling.profile import Profile, UnitProfile, load_profile, profiles_frame, save_profile
+from edgeshard_kit.core.units import KitError, unit_name
+
+
+def median_min_max(samples: list[float]) -> tuple[float, float, float]:
+    """(median, min, max) of timings in ms."""
+    xs = sorted(samples)
+    n = len(xs)
+    med = xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+    return med, xs[0], xs[-1]
+
+
+def _positive_int(name: str, value: Any, allow_zero: bool = False) -> int:
+    what = "a non-negative" if allow_zero else "a positive"
+    try:
+        v = int(value)
+    except (TypeError, ValueError):
+        raise KitError(f"{name} must be {what} integer, got {value!r}") from None
+    if v < 0 or (v == 0 and not allow_zero) or v != float(value):
+        raise KitError(f"{name} must be {what} integer, got {value!r}")
+    return v
+
+
+def parse_kv_lens(text: str | Iterable[int]) -> tuple[int, ...]:
+    """"32,64,128" -> (32, 64, 128); KitError naming kv_lens if one is not a positive integer."""
+    items = text.split(",") if isinstance(text, str) else list(text)
+    out = tuple(_positive_int("kv_lens", x.strip() if isinstance(x, str) else x) for x in items if str(x).strip())
+    if not out:
+        raise KitError("kv_lens is empty: give at least one KV length, e.g. 32,64,128")
+    return tuple(sorted(set(out)))
+
+
+class UnitTimer:
+    """Forward hooks on a whole-model StageModel that time each unit (sync + perf_counter around it)."""
+
+    def __init__(self, stage, track_cuda_memory: bool = False):
+        from edgeshard_kit.model.stage import synchronize
+
+        self.stage, self.sync, self.cuda_mem = stage, (lambda: synchronize(stage.device)), track_cuda_memory
+        n = stage.config.num_hidden_layers
+        # (unit, module where it starts, module where it ends): the head is norm .. lm_head.
+        self.spans = [(0, stage.embed_tokens, stage.embed_tokens)]
+        self.spans += [(i + 1, layer, layer) for i, layer in enumerate(stage.layers)]
+        self.spans += [(n + 1, stage.norm, stage.lm_head)]
+        self.active = True  # hooks cost ~1 us when inactive: plain steps run with them installed
+        self.ms: dict[int, float] = {}
+        self.peak: dict[int, int] = {}
+        self._t0: dict[int, float] = {}
+        self._base: dict[int, int] = {}
+        self.handles = []
+        for u, first, last in self.spans:
+            self.handles.append(first.register_forward_pre_hook(self._pre(u)))
+            self.handles.append(last.register_forward_hook(self._post(u)))
+
+    def _pre(self, u: int):
+        def hook(module, args):
+            if not self.active:
+                return
+            self.sync()
+            if self.cuda_mem:
+                import torch
+
+                torch.cuda.reset_peak_memory_stats(self.stage.device)
+                self._base[u] = torch.cuda.memory_allocated(self.stage.device)
+            self._t0[u] = time.perf_counter()
+        return hook
+
+    def _post(self, u: int):
+        def hook(module, args, output):
+            if not self.active:
+                return
+            self.sync()
+            self.ms[u] = (time.perf_counter() - self._t0[u]) * 1e3
+            if self.cuda_mem:
+                import torch
+
+                self.peak[u] = max(self.peak.get(u, 0), torch.cuda.max_memory_allocated(self.stage.device) - self._base[u])
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+
+def _unit_param_bytes(stage) -> list[int]:
+    def nbytes(*mods):
+        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
+    return [nbytes(stage.embed_tokens)] + [nbytes(l) for l in stage.layers] + [nbytes(stage.norm, stage.lm_head)]
+
+
+def _host_meta(device: str) -> dict:
+    import torch
+    import transformers
+
+    from edgeshard_kit import __version__
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else None
+    return {"host": platform.node(), "cpu": cpu, "gpu": gpu, "torch_threads": torch.get_num_threads(),
+            "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "edgeshard_kit": __version__, "platform": platform.platform(),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
+def default_device_type(device: str) -> str:
+    """cpu -> "cpu-local"; cuda -> "cuda-<gpu name>" (pass --device-type to name it after your testbed)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return "cuda-" + torch.cuda.get_device_name(torch.device(device)).lower().replace(" ", "-")
+    return "cpu-local"
+
+
+def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "float32", batch: int = 1,
+                    prompt_len: int = 32, kv_lens: Iterable[int] = (32, 64, 128), repeats: int = 20,
+                    warmup: int = 3, device_type: str | None = None, progress: bool = True,
+                    threads: int | None = None, stage=None) -> Profile:
+    """Measure every unit of `checkpoint` on `device`: prefill, decode at each KV length, bytes, peak memory."""
+    import torch
+    from tqdm import tqdm
+
+    from edgeshard_kit.model.generate import sample_next
+    from edgeshard_kit.model.stage import StageModel, synchronize
+
+    batch, prompt_len = _positive_int("batch", batch), _positive_int("prompt_len", prompt_len)
+    repeats, warmup = _positive_int("repeats", repeats), _positive_int("warmup", warmup, allow_zero=True)
+    kv_lens = parse_kv_lens(kv_lens)
+    if threads is not None:
+        torch.set_num_threads(_positive_int("threads", threads))
+    if stage is None:
+        from edgeshard_kit.model.checkpoint import load_llama_config
+
+        n = load_llama_config(checkpoint).num_hidden_layers
+        stage = StageModel(checkpoint, 0, n + 2, dtype=dtype, device=device)
+    cfg, n, dev = stage.config, stage.config.num_hidden_layers, stage.device
+    cuda = dev.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+
+    def ids(t: int) -> torch.Tensor:
+        return torch.randint(0, cfg.vocab_size, (batch, t), generator=gen).to(dev)
+
+    def timed(fn) -> float:
+        synchronize(dev)
+        t0 = time.perf_counter()
+        fn()
+        synchronize(dev)
+        return (time.perf_counter() - t0) * 1e3
+
+    units: dict[int, dict] = {u: {"prefill": [], "decode": {k: [] for k in kv_lens}} for u in range(n + 2)}
+    over: dict[str, list[float]] = {"prefill": [], "decode": []}  # plain step - sum of units, per pair
+    bar = tqdm(total=(1 + len(kv_lens)) * 2 * (warmup + repeats), desc=f"profile {Path(str(checkpoint)).name}",
+               unit="step", file=sys.stderr, disable=not progress)
+    timer = UnitTimer(stage, track_cuda_memory=cuda)
+    # Every repeat is a pair: one step with the unit hooks on, one plain step (forward + sampling, as
+    # generate runs it), in alternating order; the pair's difference is the overhead outside the units.
+    # Pairing keeps slow drifts of the machine's load out of the overhead.
+    try:
+        for i in range(warmup + repeats):  # prefill: a fresh cache every time
+            got = {}
+            for hooked in ((True, False) if i % 2 == 0 else (False, True)):
+                timer.active = hooked
+                cache, x = stage.new_cache(), ids(prompt_len)
+                got[hooked] = (timed(lambda: sample_next(stage.forward(x, cache))), dict(timer.ms))
+                bar.update()
+            if i >= warmup:
+                for u in units:
+                    units[u]["prefill"].append(got[True][1][u])
+                over["prefill"].append(got[False][0] - sum(got[True][1].values()))
+        for kv in kv_lens:
+            for i in range(warmup + repeats):
+                # A fresh cache of `kv` random tokens (untimed) per pair: every timed step sees kv or kv+1.
+                timer.active = False
+                cache = stage.new_cache()
+                tok = sample_next(stage.forward(ids(kv), cache))
+                got = {}
+                for hooked in ((True, False) if i % 2 == 0 else (False, True)):
+                    timer.active = hooked
+                    box = {}
+                    ms = timed(lambda: box.setdefault("tok", sample_next(stage.forward(tok[:, None], cache))))
+                    tok, got[hooked] = box["tok"], (ms, dict(timer.ms))
+                    bar.update()
+                if i >= warmup:
+                    for u in units:
+                        units[u]["decode"][kv].append(got[True][1][u])
+                    over["decode"].append((kv, got[False][0], got[False][0] - sum(got[True][1].values())))
+    finally:
+        peaks = dict(timer.peak)
+        timer.remove()
+        bar.close()
+
+    s = torch.finfo(stage.dtype).bits // 8
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    kv_tok = batch * 2 * cfg.num_key_value_heads * hd * s  # bytes per token position per layer, whole batch
+    pbytes = _unit_param_bytes(stage)
+    ref = kv_lens[len(kv_lens) // 2]
+    out_units = []
+    for u in range(n + 2):
+        p_med, p_min, p_max = median_min_max(units[u]["prefill"])
+        dec = {k: median_min_max(v) for k, v in units[u]["decode"].items()}
+        kv = kv_tok if 1 <= u <= n else 0
+        out = batch * cfg.vocab_size * 4 if u == n + 1 else batch * cfg.hidden_size * s
+        # Transient activations: measured on CUDA; on CPU estimated as the prefill's hidden + MLP tensors.
+        act = peaks.get(u) if cuda else batch * prompt_len * (3 * cfg.hidden_size + 3 * cfg.intermediate_size) * s
+        out_units.append(UnitProfile(
+            unit=u, name=unit_name(u, n), prefill_ms=p_med, prefill_min_ms=p_min, prefill_max_ms=p_max,
+            decode_ms=dec[ref][0], decode_ms_by_kv={k: v[0] for k, v in dec.items()},
+            decode_min_ms_by_kv={k: v[1] for k, v in dec.items()}, decode_max_ms_by_kv={k: v[2] for k, v in dec.items()},
+            param_bytes=pbytes[u], kv_bytes_per_token=kv, out_bytes_per_token=out,
+            peak_mem_bytes=pbytes[u] + kv * (max(kv_lens) + prompt_len) + int(act or 0)))
+    # Per-step overhead = plain step - sum of units (mask, RoPE, sampling, Python glue), median of the pairs.
+    step = {k: median_min_max([ms for kv, ms, _ in over["decode"] if kv == k])[0] for k in kv_lens}
+    overhead = {"decode_step_ms": median_min_max([o for _, _, o in over["decode"]])[0],
+                "prefill_ms": median_min_max(over["prefill"])[0],
+                "decode_step_measured_ms": {str(k): v for k, v in step.items()}}
+    meta = {**_host_meta(str(dev)), "source": f"measured by edgeshard profile on {str(dev)}",
+            "checkpoint": str(checkpoint), "device": str(dev),
+            "method": {"repeats": repeats, "warmup": warmup, "statistic": "median (min and max kept)",
+                       "timer": "time.perf_counter after device synchronisation",
+                       "units": "forward hooks inside real steps of the whole model as one stage",
+                       "decode": "each repeat at kv_len: an untimed prefill of kv_len random tokens into a fresh "
+                                 "cache, then a pair of greedy decode steps (kv_len and kv_len + 1 cached tokens)",
+                       "pairs": "each repeat = a hooked step and a plain step in alternating order",
+                       "overhead": "plain step minus the sum of units of its paired hooked step (median)"}}
+    config = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
+    return Profile(model=Path(str(checkpoint)).name, n_layers=n, device_type=device_type or default_device_type(str(dev)),
+                   dtype=str(stage.dtype).removeprefix("torch."), batch=batch, prompt_len=prompt_len,
+                   kv_lens=kv_lens, ref_kv_len=ref, units=tuple(out_units), config=config, overhead=overhead, meta=meta)
+
+
+def _emit(profile: Profile, out: str, as_json: bool) -> None:
+    if out == "-":
+        sys.stdout.write(profile.to_json() + "\n")  # for SSH: stdout carries the JSON and nothing else
+        return
+    jp = save_profile(profile, out)
+    if as_json:
+        print(json.dumps({"profile": str(jp), "csv": str(jp.with_suffix(".csv")),
+                          "device_type": profile.device_type, "n_units": profile.n_units,
+                          "decode_ms_per_token": profile.predict_decode_ms(),
+                          "prefill_ms": profile.predict_prefill_ms()}))
+    else:
+        print(profile.summary())
+        print(f"wrote {jp} and {jp.with_suffix('.csv')}")
+
+
+def cmd_profile(args) -> int:
+    """`edgeshard profile`: measure (--model) or estimate (--analytic) and write the profile."""
+    kv_lens = parse_kv_lens(args.kv_lens)
+    if args.analytic:
+        from edgeshard_kit.profiling.analytic import analytic_profile
+
+        if not args.device_type:
+            raise KitError("--analytic needs --device-type NAME (see `edgeshard devices`)")
+        prof = analytic_profile(args.analytic, args.device_type, dtype=args.dtype, batch=args.batch,
+                                prompt_len=args.prompt_len, kv_lens=kv_lens)
+    elif args.model:
+        prof = measure_profile(args.model, device=args.device, dtype=args.dtype, batch=args.batch,
+                               prompt_len=args.prompt_len, kv_lens=kv_lens, repeats=args.repeats,
+                               warmup=args.warmup, device_type=args.device_type, progress=not args.quiet,
+                               threads=args.threads)
+    else:
+        raise KitError("give --model DIR (measure) or --analytic MODEL (roofline estimate)")
+    _emit(prof, args.out, args.json)
+    return 0
+
+
+def cmd_profile_show(args) -> int:
+    """`edgeshard profile-show`: print profiles as a tidy table."""
+    import pandas as pd
+
+    profs = [load_profile(p) for p in args.paths]
+    for p in profs:
+        print(p.summary())
+    with pd.option_context("display.width", 200, "display.max_rows", 400):
+        print(profiles_frame(profs).to_string(index=False))
+    return 0

@@ -1,0 +1,296 @@
+"""The worker: listens, authenticates every connection, takes its stage config from the coordinator, runs it."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.launchers import read_token_file
+
+
+def _log(msg: str) -> None:
+    print(f"[worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+
+
+def _rss() -> int:
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+class Worker:
+    """One stage of the chain: control from the coordinator, activations in from the previous stage, out to the next."""
+
+    def __init__(self, token: bytes, bind: str = "0.0.0.0", port: int = 0):
+        self.token = token
+        self.listener = socket.create_server((bind, port), reuse_port=False, backlog=16)
+        self.host, self.port = self.listener.getsockname()[:2]
+        self.model = None
+        self.cfg: dict = {}
+        self.control: wire.Connection | None = None
+        self.next: wire.Connection | None = None
+        self.prev: wire.Connection | None = None
+        self.caches: dict[tuple, Any] = {}
+        self.generators: dict[tuple, torch.Generator] = {}
+        self.sampling: dict[tuple, dict] = {}
+        self.inbox: queue.Queue = queue.Queue()
+        self.outbox: queue.Queue = queue.Queue()
+        self.records: dict[tuple, dict] = {}
+        self.lock = threading.Lock()
+        self.done = threading.Event()
+
+    # ---- connections ---------------------------------------------------------------------------------------
+    def serve(self) -> None:
+        """Accept connections until the coordinator's control connection closes or asks to shut down."""
+        print(json.dumps({"event": "listening", "host": self.host, "port": self.port}), flush=True)
+        self.listener.settimeout(0.5)
+        threading.Thread(target=self._compute_loop, daemon=True).start()
+        threading.Thread(target=self._send_loop, daemon=True).start()
+        while not self.done.is_set():
+            try:
+                sock, addr = self.listener.accept()
+            except socket.timeout:
+                continue
+            threading.Thread(target=self._handle, args=(sock, addr), daemon=True).start()
+        self.listener.close()
+
+    def _handle(self, sock: socket.socket, addr: Any) -> None:
+        conn = wire.Connection(sock)
+        try:
+            wire.authenticate(conn, self.token, "server", timeout=10.0)
+            conn.settimeout(10.0)
+            first = conn.recv()
+            conn.settimeout(None)
+        except (wire.ProtocolError, OSError) as e:
+            _log(f"dropped connection from {addr[0]}: {str(e)[:200]}")  # garbage, wrong token, truncated: keep serving
+            conn.close()
+            return
+        role = first.get("role") if first.kind == "role" else None
+        try:
+            if role == "control":
+                self._control_loop(conn)
+            elif role == "data":
+                self._data_loop(conn)
+            elif role == "probe":
+                self._probe_loop(conn)
+            else:
+                _log(f"dropped connection from {addr[0]}: unknown role {role!r}")
+        except (wire.ProtocolError, OSError) as e:
+            _log(f"{role} connection from {addr[0]} ended: {str(e)[:200]}")
+        finally:
+            conn.close()
+            if role == "control" and conn is self.control:
+                self.done.set()  # the coordinator is gone: nothing left to serve
+                _log("control connection closed: exiting")
+                os._exit(0)
+
+    def _control_loop(self, conn: wire.Connection) -> None:
+        if self.control is None:
+            self.control = conn
+        while True:
+            f = conn.recv()
+            if f.kind == "ping":
+                conn.send("pong", t=f.get("t"))
+            elif f.kind == "config":
+                self._configure(conn, f.meta)
+            elif f.kind in ("tokens", "release"):
+                self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
+            elif f.kind == "stats":
+                conn.send("stats", **self._stats(bool(f.get("clear"))))
+            elif f.kind == "probe_send":
+                conn.send("probe_result", **self._probe_send(f.meta))
+            elif f.kind == "shutdown":
+                conn.send("bye")
+                self.done.set()
+                return
+            else:
+                conn.send("error", message=f"unknown request {f.kind!r}")
+
+    def _data_loop(self, conn: wire.Connection) -> None:
+        self.prev = conn
+        while True:
+            f = conn.recv()
+            self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
+
+    def _probe_loop(self, conn: wire.Connection) -> None:
+        while True:
+            f = conn.recv()
+            conn.send("probe_ack", n=0 if f.tensor is None else f.tensor.numel())
+
+    # ---- configuration --------------------------------------------------------------------------------------
+    def _configure(self, conn: wire.Connection, cfg: dict) -> None:
+        host = socket.gethostname()
+        path = cfg.get("model_path")
+        if not path or not Path(path).is_dir():
+            conn.send("error", message=f"model path {path} does not exist on host {host} (worker {self.host}:{self.port})")
+            return
+        try:
+            t0 = time.perf_counter()
+            if cfg.get("threads"):
+                torch.set_num_threads(int(cfg["threads"]))
+            from edgeshard_kit.model.stage import StageModel
+
+            self.model = StageModel(path, int(cfg["start"]), int(cfg["end"]), dtype=cfg.get("dtype", "float32"),
+                                    device=cfg.get("device", "cpu"))
+            load_s = time.perf_counter() - t0
+            self.cfg = cfg
+            conn.shaper = wire.shaper_for(cfg.get("shape_return"))
+            nxt = cfg.get("next")
+            if nxt:
+                self.next = wire.connect(nxt["host"], int(nxt["port"]), self.token, timeout=30.0,
+                                         shaper=wire.shaper_for(cfg.get("shape_next")))
+                self.next.send("role", role="data", stage=cfg.get("stage"))
+        except Exception as e:  # any failure to load is reported to the coordinator, not fatal to the worker
+            conn.send("error", message=f"stage {cfg.get('stage')} on host {host}: {type(e).__name__}: {e}")
+            return
+        conn.send("loaded", load_s=load_s, rss_bytes=_rss(), param_bytes=int(getattr(self.model, "param_bytes", 0)),
+                  pid=os.getpid(), hostname=host, threads=torch.get_num_threads())
+
+    # ---- the data path --------------------------------------------------------------------------------------
+    def _compute_loop(self) -> None:
+        while True:
+            f, t_in, recv_ms, nbytes = self.inbox.get()
+            try:
+                self._step(f, t_in, recv_ms, nbytes)
+            except Exception as e:
+                _log(f"step failed: {type(e).__name__}: {e}")
+                if self.control is not None:
+                    try:
+                        self.control.send("error", message=f"stage {self.cfg.get('stage')} failed: {type(e).__name__}: {e}")
+                    except OSError:
+                        pass
+
+    def _step(self, f: wire.Frame, t_in: float, recv_ms: float, nbytes: int) -> None:
+        req, mb, step = f.get("req"), f.get("mb"), f.get("step")
+        key = (req, mb)
+        if f.kind == "release":
+            for d in (self.caches, self.generators, self.sampling):
+                for k in [k for k in d if k[0] == req]:
+                    del d[k]
+            return
+        t0 = time.perf_counter()
+        if step == 0:
+            self.caches[key] = self.model.new_cache()
+            self.sampling[key] = f.get("sample") or {}
+        mask = f.get("mask")
+        mask_t = torch.tensor(mask, dtype=torch.int64) if mask is not None else None
+        with torch.inference_mode():
+            out = self.model.forward(f.tensor, self.caches[key], mask_t)
+        t1 = time.perf_counter()
+        rec = {"stage": self.cfg.get("stage"), "device": self.cfg.get("device_name"), "req": req, "mb": mb,
+               "step": step, "wait_ms": (t0 - t_in) * 1e3, "recv_ms": recv_ms, "compute_ms": (t1 - t0) * 1e3,
+               "send_ms": 0.0, "bytes_in": nbytes, "bytes_out": 0}
+        with self.lock:
+            self.records[(req, mb, step)] = rec
+        meta = {"req": req, "mb": mb, "step": step}
+        if self.next is not None:
+            if step == 0:
+                meta.update(mask=mask, sample=f.get("sample"))
+            self.outbox.put((out, meta))
+            return
+        s = self.sampling.get(key, {})
+        if key not in self.generators:
+            self.generators[key] = torch.Generator().manual_seed(int(s.get("seed") or 0) + int(mb or 0))
+        from edgeshard_kit.model.generate import sample_next
+
+        tok = sample_next(out, float(s.get("temperature") or 0.0), float(s.get("top_p") or 1.0), self.generators[key])
+        t2 = time.perf_counter()
+        n = self.control.send("token", tok.to(torch.int64), **meta)
+        rec.update(compute_ms=(t2 - t0) * 1e3, send_ms=(time.perf_counter() - t2) * 1e3, bytes_out=n)
+
+    def _send_loop(self) -> None:
+        # A separate sender lets the next micro-batch compute while this one's activations are on the link.
+        while True:
+            out, meta = self.outbox.get()
+            t0 = time.perf_counter()
+            try:
+                n = self.next.send("act", out, **meta)
+            except Exception as e:  # the next stage is gone (or the frame is bad): tell the coordinator, go on
+                if self.control is not None:
+                    try:
+                        self.control.send("error", message=f"stage {self.cfg.get('stage')} cannot send to the next stage: {e}")
+                    except OSError:
+                        pass
+                continue
+            with self.lock:
+                rec = self.records.get((meta["req"], meta["mb"], meta["step"]))
+                if rec is not None:
+                    rec.update(send_ms=(time.perf_counter() - t0) * 1e3, bytes_out=n)
+
+    # ---- stats and probes -----------------------------------------------------------------------------------
+    def _stats(self, clear: bool) -> dict:
+        with self.lock:
+            recs = list(self.records.values())
+            if clear:
+                self.records.clear()
+        conns = {name: c.counters() for name, c in (("control", self.control), ("prev", self.prev),
+                                                    ("next", self.next)) if c is not None}
+        return {"records": recs, "counters": conns, "rss_bytes": _rss()}
+
+    def _probe_send(self, req: dict) -> dict:
+        """Send payloads of each size to a peer worker; report per-message round-trip times (ms)."""
+        try:
+            peer = wire.connect(req["host"], int(req["port"]), self.token, timeout=10.0,
+                                shaper=wire.shaper_for(req.get("shape")))
+        except (OSError, wire.ProtocolError) as e:
+            return {"error": f"cannot reach {req['host']}:{req['port']}: {e}"}
+        out: list[dict] = []
+        try:
+            peer.send("role", role="probe")
+            for size in req.get("sizes", []):
+                payload = torch.zeros(int(size), dtype=torch.uint8)
+                times = []
+                for _ in range(int(req.get("repeats", 3)) + 1):  # the first is a warm-up
+                    t0 = time.perf_counter()
+                    peer.send("probe", payload)
+                    peer.recv()
+                    times.append((time.perf_counter() - t0) * 1e3)
+                out.append({"bytes": int(size), "ms": times[1:]})
+        finally:
+            peer.close()
+        return {"results": out}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgeshard worker", description="run one pipeline worker")
+    _add_args(p)
+    return _run(p.parse_args(argv))
+
+
+def _add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--port", type=int, default=0, help="TCP port (0 = the OS picks; printed on stdout)")
+    p.add_argument("--token-file", required=True, help="file holding the deployment token (hex, mode 0600)")
+    p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+
+
+# A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
+# switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
+SWITCH_INTERVAL_S = 0.0002
+
+
+def _run(args: argparse.Namespace) -> int:
+    token = read_token_file(args.token_file)
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    Worker(token, args.bind, args.port).serve()
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("worker", help="run one pipeline worker (started by the coordinator's launcher)")
+    _add_args(p)
+    p.set_defaults(func=_run)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
