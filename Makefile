@@ -36,6 +36,7 @@ demo: setup
 	$(PY) -m edgeshard_kit demo
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 lab: setup

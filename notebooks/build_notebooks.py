@@ -106,7 +106,7 @@ one measurement figure, ready for pandas.
 """),
     ("code", """
 profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=prompt_len, kv_lens=kv_lens, run=run)
-table = steps.profile_table(profiles)
+table = steps.profiles_frame(profiles)
 run.write_csv("profiles", table)
 table.head(12)
 """),
@@ -194,12 +194,12 @@ out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit.experiments import benchmark as ex, plots, results, steps
+from edgeshard_kit.experiments import plots, results, steps, testbeds
 
 plots.notebook_renderer()
 run = results.new_run("03_deploy_and_generate", steps.params_of(globals()), root=results_root, out=out_dir or None)
 checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
-testbed = steps.load_testbed(testbed_file) if testbed_file else ex.bench_testbed(checkpoint, cloud_mbps)
+testbed = steps.load_testbed(testbed_file) if testbed_file else testbeds.bench_testbed(checkpoint, cloud_mbps)
 profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=8, kv_lens="8,16", run=run)
 problem, plan = steps.plan_for(profiles, testbed, objective, gen_tokens=max_new_tokens)
 run.record(testbed=testbed, plan=plan)
@@ -252,20 +252,20 @@ methods = "edgeshard-latency,edgeshard-throughput,edge-solo,cloud-edge-even,clou
 max_new_tokens = 6
 micro_batches = 3
 repeats = 1                        # measured generations per (method, bandwidth)
+profile_repeats = 3                # timed repeats per profiled figure
 calibrate = True                   # measure per-stage / per-token fixed costs first and plan with them
 memory_share = 0.0                 # > 0: scale the testbed file's memory so the source holds this share of the model
 out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit.experiments import benchmark as ex, plots, results
+from edgeshard_kit.experiments import benchmark, plots, results, steps
 
 plots.notebook_renderer()
-run = results.new_run("04_benchmark_vs_baselines", ex.params_of(globals()), root=results_root, out=out_dir or None)
-exp = ex.run_benchmark(run, model_path=model_path, tiny_layers=tiny_layers, tiny_hidden=tiny_hidden,
-                       testbed_file=testbed_file, cloud_mbps=cloud_mbps, methods=methods,
-                       max_new_tokens=max_new_tokens, micro_batches=micro_batches, repeats=repeats,
-                       calibrate=calibrate, memory_share=memory_share)
+params = steps.params_of(globals())
+config = benchmark.BenchmarkConfig.from_params(params)  # every parameter above but out_dir and results_root
+run = results.new_run("04_benchmark_vs_baselines", params, root=results_root, out=out_dir or None)
+exp = benchmark.run_benchmark(run, config, log=print)
 exp.summary
 """),
     ("code", """
@@ -290,11 +290,11 @@ out_dir = ""
 results_root = "../results"
 """),
     ("code", """
-from edgeshard_kit.experiments import benchmark as ex, plots, results
+from edgeshard_kit.experiments import plots, reproduction, results, steps
 
 plots.notebook_renderer()
-run = results.new_run("05_paper_reproduction", ex.params_of(globals()), root=results_root, out=out_dir or None)
-rep = ex.paper_reproduction(run, models=models, cloud_mbps=cloud_mbps)
+run = results.new_run("05_paper_reproduction", steps.params_of(globals()), root=results_root, out=out_dir or None)
+rep = reproduction.paper_reproduction(run, models=models, cloud_mbps=cloud_mbps)
 rep.summary
 """),
     ("code", """

@@ -7,8 +7,9 @@ import pytest
 from edgeshard_kit.profiling.analytic import (Efficiency, analytic_profile, calibrate, calibration_transfer, model_spec,
                                     total_params)
 from edgeshard_kit.profiling.catalog import CATALOG, get_device
-from edgeshard_kit.profiling.reference import analytic_vs_paper, paper_profiles, paper_testbed
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.profiling.reference import paper_profiles, paper_testbed
+from edgeshard_kit.bench.analytic import analytic_vs_paper
+from edgeshard_kit.core.errors import KitError
 
 
 @pytest.mark.parametrize("name,total", [("llama2-7b", 6_738_415_616), ("llama2-13b", 13_015_864_320),
@@ -85,13 +86,11 @@ def test_analytic_vs_paper_rows():
 
 
 @pytest.fixture(scope="module")
-def two_tiny(tmp_path_factory):
-    from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+def two_tiny(tiny_checkpoint_factory):
     from edgeshard_kit.profiling.measure import measure_profile
 
-    d = tmp_path_factory.mktemp("two")
-    small = write_tiny_checkpoint(d / "s", layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
-    large = write_tiny_checkpoint(d / "l", layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, vocab=512)
+    small = tiny_checkpoint_factory(layers=1, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
+    large = tiny_checkpoint_factory(layers=2, hidden=128, intermediate=256, heads=4, kv_heads=2, vocab=512)
     kw = dict(repeats=2, warmup=1, prompt_len=8, kv_lens=(8, 16), progress=False)
     return measure_profile(small, **kw), measure_profile(large, **kw)
 

@@ -11,17 +11,17 @@ import torch
 
 from edgeshard_kit.model.checkpoint import (INDEX_FILE, load_llama_config, load_tokenizer, unit_tensor_names,
                                       weight_files, write_tiny_checkpoint)
-from edgeshard_kit.core.units import KitError, n_units
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import n_units
 
 SMALL = dict(layers=3, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=320)
 
 
 @pytest.fixture(scope="module")
-def ckpts(tmp_path_factory):
+def ckpts(tiny_checkpoint_factory):
     """One plain and one sharded tiny checkpoint."""
-    root = tmp_path_factory.mktemp("ckpt")
-    plain = write_tiny_checkpoint(root / "plain", **SMALL)
-    sharded = write_tiny_checkpoint(root / "sharded", shard_size=60_000, **SMALL)
+    plain = tiny_checkpoint_factory(**SMALL)
+    sharded = tiny_checkpoint_factory(shard_size=60_000, **SMALL)
     return plain, sharded
 
 

@@ -8,12 +8,11 @@ from concurrent.futures import ThreadPoolExecutor
 import psutil
 import pytest
 
-from edgeshard_kit.testbed import netns
+from edgeshard_kit.testbed import cgroups, netns
 from edgeshard_kit.runtime import probe
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.model.generate import generate_split
 from edgeshard_kit.runtime.deployment import deploy
-from edgeshard_kit.planning.problem import solve
+from edgeshard_kit.planning.dp import solve
 from edgeshard_kit.planning.build import Workload, build_problem
 from edgeshard_kit.profiling.profile import Profile
 from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
@@ -58,14 +57,14 @@ def _leftovers(tb) -> list[str]:
     names = [n for n in os.listdir("/run/netns") if n.startswith(f"es-{tb.name}-")] if os.path.isdir("/run/netns") else []
     marker = str(netns.state_root() / tb.name)
     procs = [p.pid for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
-    cgroups = [c for c in ("cpu", "memory") if os.path.exists(f"/sys/fs/cgroup/{c}/{netns.CGROUP_DIR}/{tb.name}")]
+    groups = [c for c in ("cpu", "memory") if os.path.exists(f"/sys/fs/cgroup/{c}/{cgroups.CGROUP_DIR}/{tb.name}")]
     bridge = [netns.bridge_name(tb)] if os.path.exists(f"/sys/class/net/{netns.bridge_name(tb)}") else []
-    return names + [f"pid {p}" for p in procs] + cgroups + bridge
+    return names + [f"pid {p}" for p in procs] + groups + bridge
 
 
-def test_emulated_testbed_end_to_end(tmp_path):
+def test_emulated_testbed_end_to_end(tiny_checkpoint_factory):
     tb = testbed_from_dict(TESTBED, "test_e2e_ssh")
-    ckpt = write_tiny_checkpoint(tmp_path / "m", layers=4, seed=3)
+    ckpt = tiny_checkpoint_factory(layers=4, seed=3)
     netns.testbed_down(tb)  # a previous crashed run
     t0 = time.perf_counter()
     netns.testbed_up(tb)

@@ -9,9 +9,9 @@ import sys
 import pytest
 import torch
 
-from edgeshard_kit.model.checkpoint import load_tokenizer, write_tiny_checkpoint
+from edgeshard_kit.model.checkpoint import load_tokenizer
 from edgeshard_kit.model.generate import GenerationResult, encode_prompts, generate_split, sample_next
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 SMALL = dict(layers=3, hidden=64, intermediate=160, heads=4, kv_heads=2, vocab=320)
 TOTAL = 5
@@ -20,8 +20,8 @@ SPLITS = [None, [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5)], [(0, 2), (2, 5)], [(0,
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("gen") / "m", **SMALL)
+def ckpt(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(**SMALL)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -145,17 +145,20 @@ def test_bad_checkpoint(tmp_path, capsys):
 
 
 def test_demo_split_matches_one_stage(ckpt, capsys):
-    from edgeshard_kit.experiments.demo import run_demo, three_way_split
+    from edgeshard_kit.cli.main import main
+    from edgeshard_kit.experiments.demo import split_check, three_way_split
 
     assert three_way_split(10) == [(0, 3), (3, 6), (6, 10)]
-    assert run_demo(ckpt, max_new_tokens=3)
+    assert split_check(ckpt, max_new_tokens=3).same
+    assert main(["demo", "--split-only", "--model", str(ckpt), "--max-new-tokens", "3"]) == 0
     assert "the same tokens" in capsys.readouterr().out
 
 
 def test_bench_overhead_writes_rows(ckpt, tmp_path):
     import csv
 
-    from edgeshard_kit.bench.overhead import measure_overhead, overhead_ratio, write_rows
+    from edgeshard_kit.bench.overhead import measure_overhead, overhead_ratio
+    from edgeshard_kit.core.io import write_rows
 
     rows = measure_overhead(ckpt, tokens=3, repeats=2)
     assert [r["impl"] for r in rows] == ["kit", "transformers", "transformers", "kit"]  # alternating

@@ -11,9 +11,9 @@ import psutil
 import pytest
 import yaml
 
-from edgeshard_kit.testbed import netns
+from edgeshard_kit.testbed import cgroups, netns
 from edgeshard_kit.testbed.inventory import load_testbed
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the emulated testbed needs root (namespaces, cgroups, tc)")
 HAVE_SSHD = pytest.mark.skipif(not os.path.exists("/usr/sbin/sshd"),
@@ -79,7 +79,7 @@ def _leftovers(tb) -> list[str]:
     links = subprocess.run(["ip", "-o", "link"], capture_output=True, text=True).stdout
     out += [f"link {n}" for n in (netns.bridge_name(tb), *(netns.veth_name(tb, d.name) for d in tb.devices)) if f" {n}" in links]
     out += [f"cgroup {c}" for c in ("cpu", "memory", "cpuset")
-            if (Path("/sys/fs/cgroup") / c / netns.CGROUP_DIR / tb.name).exists()]
+            if (Path("/sys/fs/cgroup") / c / cgroups.CGROUP_DIR / tb.name).exists()]
     marker = str(netns.state_root() / tb.name)
     out += [f"process {p.pid}" for p in psutil.process_iter(["cmdline"]) if marker in " ".join(p.info["cmdline"] or [])]
     out += [f"state {marker}"] if Path(marker).exists() else []
@@ -150,7 +150,7 @@ def test_sshd_answers_openssh_and_paramiko(tb):
     out = subprocess.run(["ssh", "-F", st.ssh_config, "b", "cat /proc/self/cgroup"], capture_output=True,
                          text=True, timeout=30)
     assert out.returncode == 0, out.stderr
-    assert f"/{netns.CGROUP_DIR}/estest/b" in out.stdout  # processes started by sshd land in the device's cgroup
+    assert f"/{cgroups.CGROUP_DIR}/estest/b" in out.stdout  # processes started by sshd land in the device's cgroup
     info = netns.resolve_ssh(tb, "c")
     assert info["host"] == "10.78.31.20" and info["port"] == 22 and info["user"] == "root"
     client = paramiko.SSHClient()
@@ -167,19 +167,19 @@ def test_sshd_answers_openssh_and_paramiko(tb):
 
 
 def test_cfs_limits_keep_the_share_within_the_kernel_minimum():
-    assert netns.cfs_limits(None) == (netns.CFS_PERIOD_US, -1)
+    assert cgroups.cfs_limits(None) == (cgroups.CFS_PERIOD_US, -1)
     for q in (0.05, 0.1, 0.25, 0.5, 1.0, 2.5):
-        period, quota = netns.cfs_limits(q)
-        assert quota >= 1000 and period >= netns.CFS_PERIOD_US and quota / period == pytest.approx(q, rel=0.01)
+        period, quota = cgroups.cfs_limits(q)
+        assert quota >= 1000 and period >= cgroups.CFS_PERIOD_US and quota / period == pytest.approx(q, rel=0.01)
 
 
 def test_cgroup_limits(tb):
     base = Path("/sys/fs/cgroup")
-    a_cpu, a_mem = (base / c / netns.CGROUP_DIR / "estest" / "a" for c in ("cpu", "memory"))
+    a_cpu, a_mem = (base / c / cgroups.CGROUP_DIR / "estest" / "a" for c in ("cpu", "memory"))
     period = int((a_cpu / "cpu.cfs_period_us").read_text())
-    assert period == netns.CFS_PERIOD_US and int((a_cpu / "cpu.cfs_quota_us").read_text()) == period // 2
+    assert period == cgroups.CFS_PERIOD_US and int((a_cpu / "cpu.cfs_quota_us").read_text()) == period // 2
     assert int((a_mem / "memory.limit_in_bytes").read_text()) == 768 * 2**20
-    assert int((base / "cpu" / netns.CGROUP_DIR / "estest" / "c" / "cpu.cfs_quota_us").read_text()) == -1
+    assert int((base / "cpu" / cgroups.CGROUP_DIR / "estest" / "c" / "cpu.cfs_quota_us").read_text()) == -1
     st = netns.testbed_status(tb)
     assert st["devices"]["a"]["cpu_quota"] == 0.5 and st["devices"]["a"]["sshd_pid"]
     assert st["devices"]["a"]["mem_limit_bytes"] == 768 * 2**20

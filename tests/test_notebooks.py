@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from edgeshard_kit.experiments import notebooks
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 NB_DIR = Path(__file__).resolve().parents[1] / "notebooks"
 

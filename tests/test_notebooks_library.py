@@ -1,12 +1,20 @@
-"""The notebooks' library: the planner explorer's edits and solves, the experiment's helpers."""
+"""The notebooks' library: the planner explorer's edits and solves, the experiment's config, testbeds and tables."""
 
+import ast
+import dataclasses
 import math
+from pathlib import Path
 
+import nbformat
+import pandas as pd
 import pytest
 
-from edgeshard_kit.experiments import benchmark as experiment
-from edgeshard_kit.experiments import interactive
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.experiments import benchmark, demo, interactive, testbeds
+from edgeshard_kit.experiments.benchmark import ALL_METHODS, RUN_LOCATION, BenchmarkConfig
+from edgeshard_kit.testbed import netns
+
+NB04 = Path(__file__).resolve().parents[1] / "notebooks" / "04_benchmark_vs_baselines.ipynb"
 
 
 @pytest.fixture(scope="module")
@@ -37,61 +45,53 @@ def test_explorer_builds_headless_and_resolves(paper):
 
 
 def test_experiment_helpers():
-    assert experiment.parse_list("2, 20,200") == [2.0, 20.0, 200.0]
-    assert experiment.pick_methods("edgeshard-latency,mem-proportional") == ["EdgeShard-latency",
+    assert benchmark.parse_list("2, 20,200") == [2.0, 20.0, 200.0]
+    assert benchmark.pick_methods("edgeshard-latency,mem-proportional") == ["EdgeShard-latency",
                                                                              "Memory-Proportional"]
     with pytest.raises(KitError, match="method"):
-        experiment.pick_methods("nosuch")
+        benchmark.pick_methods("nosuch")
 
 
-def test_with_cloud_mbps_reshapes_only_cloud_links(tmp_path):
-    from edgeshard_kit.testbed.inventory import testbed_from_dict
-    tb = testbed_from_dict({"name": "t", "devices": [
-        {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
-        {"name": "e1", "type": "a", "memory": "1GiB"},
-        {"name": "c", "type": "b", "memory": "4GiB", "cloud": True}],
-        "links": {"default": {"mbps": 100}, "pairs": [{"src": "e0", "dst": "c", "mbps": 20, "latency_ms": 1.0}]}})
-    t2 = experiment.with_cloud_mbps(tb, 5)
+def test_with_cloud_mbps_reshapes_only_cloud_links(local_testbed):
+    tb = local_testbed(3, names=["e0", "e1", "c"], type="a",
+                       overrides={"c": {"type": "b", "memory": "4GiB", "cloud": True}},
+                       links={"default": {"mbps": 100},
+                              "pairs": [{"src": "e0", "dst": "c", "mbps": 20, "latency_ms": 1.0}]})
+    t2 = testbeds.with_cloud_mbps(tb, 5)
     assert t2.link("e0", "c").mbps == 5 and t2.link("c", "e1").mbps == 5 and t2.link("e0", "c").latency_ms == 1.0
     assert t2.link("e0", "e1").mbps == 100
-    no_cloud = testbed_from_dict({"name": "n", "devices": [{"name": "e0", "type": "a", "memory": "1GiB",
-                                                            "source": True}]})
+    no_cloud = local_testbed(1, names=["e0"], type="a")
     with pytest.raises(KitError, match="cloud"):
-        experiment.with_cloud_mbps(no_cloud, 5)
+        testbeds.with_cloud_mbps(no_cloud, 5)
     assert math.isfinite(t2.link("e1", "c").mbps)
 
 
-def test_scale_memory_keeps_proportions_and_gives_the_source_its_share(tmp_path):
-    from edgeshard_kit.testbed.inventory import testbed_from_dict
+def test_scale_memory_keeps_proportions_and_gives_the_source_its_share(local_testbed, tmp_path):
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
-    tb = testbed_from_dict({"name": "t", "devices": [
-        {"name": "e0", "type": "a", "memory": "1GiB", "source": True},
-        {"name": "e1", "type": "b", "memory": "512MiB"},
-        {"name": "c", "type": "c", "memory": "8GiB", "cloud": True}]})
-    small = experiment.scale_memory(tb, tmp_path, 0.45)
+    tb = local_testbed(3, names=["e0", "e1", "c"], type="a", overrides={
+        "e1": {"type": "b", "memory": "512MiB"}, "c": {"type": "c", "memory": "8GiB", "cloud": True}})
+    small = testbeds.scale_memory(tb, tmp_path, 0.45)
     mem = {d.name: d.memory_bytes for d in small.devices}
     assert mem["e0"] == 4500 and mem["e1"] == 2250 and mem["c"] == 36000
     assert small.name == tb.name and small.source.name == "e0" and [d.cloud for d in small.devices] == [0, 0, 1]
     with pytest.raises(KitError, match="share"):
-        experiment.scale_memory(tb, tmp_path, 0)
+        testbeds.scale_memory(tb, tmp_path, 0)
 
 
 def test_default_testbed_local_when_asked_and_emulated_only_when_possible(tmp_path):
-    from edgeshard_kit.testbed import netns
     (tmp_path / "model.safetensors").write_bytes(b"x" * 10_000)
-    tb, why = experiment.default_testbed(tmp_path, 20, "local")
+    tb, why = testbeds.default_testbed(tmp_path, 20, "local")
     assert tb.emulation == "app" and any(d.cloud for d in tb.devices) and why
     reason = netns.unavailable()
     if reason:
         with pytest.raises(KitError, match="emulated testbed requested"):
-            experiment.default_testbed(tmp_path, 20, "emulated")
+            testbeds.default_testbed(tmp_path, 20, "emulated")
     else:
-        tb, _ = experiment.default_testbed(tmp_path, 20, "emulated")
+        tb, _ = testbeds.default_testbed(tmp_path, 20, "emulated")
         assert tb.emulation == "netns" and tb.source.memory_bytes == 4500
 
 
 def test_prediction_table_pairs_measured_with_both_models():
-    import pandas as pd
     rows = []
     for src, lat, tps in (("measured", 12.0, 150.0), ("measured", 10.0, 170.0), ("predicted", 10.0, 200.0),
                           ("predicted-paper", 5.0, 400.0)):
@@ -100,9 +100,53 @@ def test_prediction_table_pairs_measured_with_both_models():
                          "latency_ms": lat, "throughput_tps": tps, "stages": "e0[0,3)"})
     rows.append({"method": "Solo", "cloud_mbps": 5.0, "source": "measured", "schedule": "sequential",
                  "status": "oom", "latency_ms": None, "throughput_tps": None, "stages": None})
-    t = experiment.prediction_table(pd.DataFrame(rows)).set_index("metric")
+    t = benchmark.prediction_table(pd.DataFrame(rows)).set_index("metric")
     assert list(t.method.unique()) == ["M"]
     assert t.loc["latency_ms", "measured"] == 11.0 and t.loc["latency_ms", "measured_over_predicted"] == 1.1
     assert t.loc["latency_ms", "measured_over_predicted_paper"] == 2.2
     assert t.loc["throughput_tps", "measured_over_predicted"] == pytest.approx(0.8)
     assert t.loc["latency_ms", "stages"] == "e0[0,3)"
+
+
+def _notebook_parameters(path: Path) -> dict:
+    cell = next(c for c in nbformat.read(path, as_version=4).cells if "parameters" in c.metadata.get("tags", []))
+    return {st.targets[0].id: st.value.value for st in ast.parse(cell.source).body}
+
+
+def test_benchmark_config_is_notebook_04s_parameters_cell():
+    params = _notebook_parameters(NB04)
+    assert set(params) == {f.name for f in dataclasses.fields(BenchmarkConfig)} | set(RUN_LOCATION)
+    config = BenchmarkConfig.from_params({**params, "name": "a notebook global, not a parameter"})
+    assert config == BenchmarkConfig()  # the cell's values are the config's defaults
+    assert config.cloud_mbps == (2.0, 20.0, 200.0) and config.methods == ALL_METHODS
+
+
+def test_benchmark_config_normalises_text_and_is_frozen():
+    config = BenchmarkConfig(cloud_mbps="5, 500", methods="edge-solo,EdgeShard_latency", micro_batches=2)
+    assert config.cloud_mbps == (5.0, 500.0) and config.methods == ("Edge-Solo", "EdgeShard-latency")
+    assert BenchmarkConfig(methods="").methods == ALL_METHODS  # "" = every method
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.repeats = 3
+    assert config.to_dict()["cloud_mbps"] == [5.0, 500.0] and config.to_dict()["testbed_file"] == ""
+    assert demo.demo_config("2,20").tiny_layers == 4 and demo.demo_config().cloud_mbps == (2.0, 20.0, 200.0)
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("tiny_layers", 0, "tiny_layers"), ("tiny_hidden", 100, "tiny_hidden"), ("max_new_tokens", 0, "max_new_tokens"),
+    ("micro_batches", 1.5, "micro_batches"), ("repeats", True, "repeats"), ("profile_repeats", -1, "profile_repeats"),
+    ("cloud_mbps", "2,fast", "cloud_mbps"), ("cloud_mbps", "0,20", "cloud_mbps"), ("cloud_mbps", "", "cloud_mbps"),
+    ("methods", "edgeshard,nosuch", "methods"), ("calibrate", "yes", "calibrate"),
+    ("memory_share", -0.5, "memory_share"), ("memory_share", 0.4, "memory_share"),
+    ("testbed_file", "/nonexistent/testbed.yaml", "testbed_file"), ("testbed_file", 3, "testbed_file"),
+    ("model_path", "/nonexistent/model", "model_path")])
+def test_benchmark_config_names_the_bad_field(field, value, match):
+    with pytest.raises(KitError, match=f"BenchmarkConfig.{match}"):
+        BenchmarkConfig(**{field: value})
+
+
+def test_benchmark_config_takes_a_testbed_file_or_a_testbed(local_testbed, tmp_path):
+    f = tmp_path / "tb.yaml"
+    f.write_text("name: t\ndevices:\n  - {name: e0, type: a, memory: 1GiB, source: true}\n")
+    assert BenchmarkConfig(testbed_file=f, memory_share=0.4).testbed_file == str(f)
+    tb = local_testbed(1, names=["e0"], type="a")
+    assert BenchmarkConfig(testbed_file=tb).to_dict()["testbed_file"] == "t"

@@ -39,9 +39,39 @@ def test_ci_runs_make_test():
 def test_every_command_module_registers_commands():
     import importlib
 
-    from edgeshard_kit.cli.main import COMMAND_MODULES, build_parser
+    from edgeshard_kit.cli.main import COMMANDS, build_parser
 
-    for name in COMMAND_MODULES:
-        mod = importlib.import_module(name)
-        assert hasattr(mod, "add_commands") or hasattr(mod, "add_bench_commands"), name
-    build_parser()  # every module imports and registers without error
+    for family in {m for m, _ in COMMANDS.values()}:
+        assert hasattr(importlib.import_module(f"edgeshard_kit.cli.{family}"), "add_parsers"), family
+    parser = build_parser()  # every family imports and registers without error
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(sub.choices) == set(COMMANDS)
+    for name in COMMANDS:  # each command is registered by its family with its own options, not the bare stub
+        assert len(sub.choices[name]._actions) > 1 or sub.choices[name]._subparsers, name
+
+
+def _fail_with(exc: BaseException):
+    def handler(args):
+        raise exc
+    return handler
+
+
+def test_cli_prints_kit_errors_in_one_line_and_keeps_other_tracebacks(monkeypatch, capsys):
+    import argparse
+
+    import pytest
+
+    from edgeshard_kit.cli import main as cli
+    from edgeshard_kit.core.errors import KitError
+
+    def parser_with(exc):
+        p = argparse.ArgumentParser()
+        p.set_defaults(func=_fail_with(exc))
+        return p
+
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: parser_with(KitError("testbed.yaml: devices[0].memory: 'x' is not a size")))
+    assert cli.main([]) == 2
+    assert capsys.readouterr().err.strip() == "edgeshard: error: testbed.yaml: devices[0].memory: 'x' is not a size"
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: parser_with(ValueError("a bug in numpy")))
+    with pytest.raises(ValueError, match="a bug in numpy"):  # not the kit's: the traceback is shown
+        cli.main([])

@@ -4,19 +4,13 @@ import psutil
 import pytest
 import torch
 
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.runtime.deployment import deploy
-from edgeshard_kit.planning.problem import Plan
-from edgeshard_kit.testbed import inventory as tbmod
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.planning.plan import Plan
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
 
 PROMPTS = ["hello world", "a b c", "the cat sat", "x"]
 NEW = 6
-
-
-def _testbed(n: int, links: dict | None = None):
-    devs = [{"name": f"d{i}", "type": "cpu", "memory": "1GiB", "source": i == 0} for i in range(n)]
-    return tbmod.testbed_from_dict({"name": "t", "devices": devs, **({"links": links} if links else {})})
 
 
 def _plan(*stages):
@@ -24,8 +18,8 @@ def _plan(*stages):
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", layers=4, seed=1)
+def ckpt(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(layers=4, seed=1)
 
 
 @pytest.fixture(scope="module")
@@ -48,17 +42,17 @@ def _children_pids(dep):
 
 
 @pytest.fixture(scope="module")
-def two_workers(ckpt):
+def two_workers(ckpt, local_testbed):
     """Two workers; the head (last unit) runs on the worker that is not the source."""
-    dep = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), _testbed(2), ckpt)
+    dep = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), ckpt)
     yield dep
     dep.close()
 
 
 @pytest.fixture(scope="module")
-def three_workers_head_on_source(ckpt):
+def three_workers_head_on_source(ckpt, local_testbed):
     """Three workers; the head runs on the source device again (its own worker there)."""
-    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 4), ("d0", 4, 6)), _testbed(2), ckpt)
+    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 4), ("d0", 4, 6)), local_testbed(2), ckpt)
     yield dep
     dep.close()
 
@@ -123,8 +117,8 @@ def test_records_are_dataframe_ready(two_workers):
     assert r.prediction  # the plan's own figures when no problem is given
 
 
-def test_close_leaves_no_worker(ckpt):
-    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 6)), _testbed(2), ckpt)
+def test_close_leaves_no_worker(ckpt, local_testbed):
+    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 6)), local_testbed(2), ckpt)
     pids = _children_pids(dep)
     with dep:
         assert dep.generate(["hi"], 2).tokens
@@ -134,10 +128,11 @@ def test_close_leaves_no_worker(ckpt):
         dep.generate(["hi"], 2)
 
 
-def test_deploy_rejects_bad_plans(ckpt, tmp_path):
+def test_deploy_rejects_bad_plans(ckpt, local_testbed, tmp_path):
+    tb = local_testbed(2)
     with pytest.raises(KitError, match="source"):
-        deploy(_plan(("d1", 0, 3), ("d0", 3, 6)), _testbed(2), ckpt)
+        deploy(_plan(("d1", 0, 3), ("d0", 3, 6)), tb, ckpt)
     with pytest.raises(KitError, match="unknown device"):
-        deploy(_plan(("d0", 0, 3), ("zz", 3, 6)), _testbed(2), ckpt)
+        deploy(_plan(("d0", 0, 3), ("zz", 3, 6)), tb, ckpt)
     with pytest.raises(KitError, match="not a directory"):
-        deploy(_plan(("d0", 0, 6)), _testbed(2), tmp_path / "nope")
+        deploy(_plan(("d0", 0, 6)), tb, tmp_path / "nope")

@@ -7,9 +7,8 @@ import sys
 import psutil
 import pytest
 
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.model.generate import generate_split
-from edgeshard_kit.planning.problem import Plan, save_plan
+from edgeshard_kit.planning.plan import Plan, save_plan
 from edgeshard_kit.core.units import Stage
 
 TESTBED = """name: t
@@ -23,9 +22,9 @@ emulation: {mode: app}
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
+def setup(tmp_path_factory, tiny_checkpoint):
     d = tmp_path_factory.mktemp("cli")
-    ck = write_tiny_checkpoint(d / "m", layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=320)
+    ck = tiny_checkpoint
     tb = d / "tb.yaml"
     tb.write_text(TESTBED)
     return ck, tb, d

@@ -8,26 +8,20 @@ import time
 import psutil
 import pytest
 
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.runtime.deployment import PipelineError, deploy
-from edgeshard_kit.planning.problem import Plan
-from edgeshard_kit.testbed import inventory as tbmod
+from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.core.units import Stage
 
 BOUND_S = 10.0  # the documented bound: the coordinator names the failed stage within this many seconds
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", layers=2, hidden=64, intermediate=128,
-                                 heads=4, kv_heads=2, vocab=320, seed=2)
+def ckpt(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=320, seed=2)
 
 
-def _deploy(ckpt):
-    tb = tbmod.testbed_from_dict({"name": "t", "devices": [
-        {"name": "d0", "type": "cpu", "memory": "1GiB", "source": True},
-        {"name": "d1", "type": "cpu", "memory": "1GiB"},
-        {"name": "d2", "type": "cpu", "memory": "1GiB"}]})
+def _deploy(ckpt, tb):
+    """Three workers on d0 (the source), d1 and d2 of `tb`: units [0, 2), [2, 3), [3, 4)."""
     plan = Plan("latency", (Stage("d0", 0, 2), Stage("d1", 2, 3), Stage("d2", 3, 4)), 0.0, 0.0, 0.0)
     return deploy(plan, tb, ckpt)
 
@@ -38,8 +32,8 @@ def _gone(pids):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,words", [(signal.SIGKILL, "died"), (signal.SIGSTOP, "stopped answering")])
-def test_worker_fault_mid_generation(ckpt, sig, words):
-    dep = _deploy(ckpt)
+def test_worker_fault_mid_generation(ckpt, local_testbed, sig, words):
+    dep = _deploy(ckpt, local_testbed(3))
     pids = [h.pid for h in dep.handles]
     victim = dep.handles[1]
     hit = {}
@@ -70,8 +64,9 @@ def test_worker_fault_mid_generation(ckpt, sig, words):
 COORDINATOR = """
 import sys, time
 sys.path.insert(0, {tests!r})
+from edgeshard_kit.testbed.inventory import testbed_from_dict
 from test_pipeline_faults import _deploy
-dep = _deploy({ckpt!r})
+dep = _deploy({ckpt!r}, testbed_from_dict({testbed!r}))
 print(" ".join(str(h.pid) for h in dep.handles), flush=True)
 time.sleep(120)
 """
@@ -79,12 +74,12 @@ time.sleep(120)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_no_worker_outlives_its_coordinator(ckpt, sig):
+def test_no_worker_outlives_its_coordinator(ckpt, local_testbed, sig):
     import subprocess
     import sys
     from pathlib import Path
 
-    code = COORDINATOR.format(tests=str(Path(__file__).parent), ckpt=str(ckpt))
+    code = COORDINATOR.format(tests=str(Path(__file__).parent), ckpt=str(ckpt), testbed=local_testbed(3).to_dict())
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]

@@ -7,14 +7,17 @@ import math
 
 import pytest
 
-from edgeshard_kit.planning import dp
-from edgeshard_kit.planning.baselines import (baselines, cloud_edge_even, cloud_edge_opt, edge_solo, latency_bottleneck_frontier,
-                                     memory_proportional, pareto, solve_constrained)
 from edgeshard_kit.cli.main import main
-from edgeshard_kit.planning.problem import (Plan, evaluate, figures, load_plan, load_problem, make_plan, problem_from_dict,
-                                save_plan, save_problem, solve)
-from edgeshard_kit.planning.schedule import timeline, timeline_figures
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning import dp
+from edgeshard_kit.planning.baselines import (baselines, cloud_edge_even, cloud_edge_opt, edge_solo,
+                                              latency_bottleneck_frontier, memory_proportional, pareto,
+                                              solve_constrained, solve_for_micro_batches)
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.plan import Plan, figures, load_plan, make_plan, save_plan
+from edgeshard_kit.planning.problem import load_problem, problem_from_dict, save_problem, without_fixed_costs
+from edgeshard_kit.planning.schedule import Evaluation, evaluate, release, timeline, timeline_figures
 
 
 def two_devices(mbps: float = 8.0, mem_edge: float = 10, mem_cloud: float = 10) -> dict:
@@ -143,8 +146,10 @@ def test_timeline_bubbles_and_no_bubbles():
     assert t_b < t_nb <= 1000 / 20 + 1e-9  # the edge (20 ms per token) is the bottleneck
     assert t_nb == pytest.approx(2 * 10 * 1000 / (20 * 20 + 5), rel=1e-9)  # edge busy, then the last token's tail
     ev = evaluate(p, plan, micro_batches=2, tokens=10)
-    assert ev["throughput_no_bubbles_per_s"] == pytest.approx(t_nb)
-    assert ev["latency_ms"] == 25 and ev["bottleneck_ms"] == 20 and ev["memory_bytes"]["cloud"] == 2
+    assert isinstance(ev, Evaluation)
+    assert ev.simulations["no-bubbles"].throughput_per_s == pytest.approx(t_nb)
+    assert ev.simulations["bubbles"].throughput_per_s == pytest.approx(t_b)
+    assert ev.latency_ms == 25 and ev.bottleneck_ms == 20 and ev.memory_bytes["cloud"] == 2
 
 
 def test_baselines_and_out_of_memory():
@@ -240,8 +245,6 @@ def test_relay_search_gives_up_cleanly():
 
 
 def test_solve_for_few_micro_batches_prefers_short_pipelines():
-    from edgeshard_kit.planning.baselines import solve_for_micro_batches
-
     d = two_devices(mbps=80)
     for i in range(3):
         d["devices"].append({"name": f"h{i}", "memory_bytes": 1, "unit_ms": [3, 3, 3, 3]})
@@ -260,10 +263,6 @@ def test_solve_for_few_micro_batches_prefers_short_pipelines():
 
 def test_stage_and_step_overheads_are_in_the_cost_model():
     """A fixed cost per stage makes splitting dearer; the per-token step cost is a constant of latency."""
-    from edgeshard_kit.planning.problem import figures, problem_from_dict, solve
-    from edgeshard_kit.planning.schedule import evaluate
-    from edgeshard_kit.core.units import Stage
-
     d = {"units": [{"mem_bytes": 1, "out_bytes": 0}] * 3,
          "devices": [{"name": "a", "memory_bytes": 10, "source": True, "unit_ms": [1, 4, 4], "stage_ms": 0.5},
                      {"name": "b", "memory_bytes": 10, "unit_ms": [1, 1, 1], "stage_ms": 0.5}],
@@ -279,8 +278,38 @@ def test_stage_and_step_overheads_are_in_the_cost_model():
     assert plan.stages == (Stage("a", 0, 3),) and plan.latency_ms == 9.5 + 2.0
     assert problem_from_dict(p.to_dict()) == p  # the fields survive the problem file
     ev = evaluate(p, plan, micro_batches=1, tokens=4)
-    assert ev["latency_ms"] == plan.latency_ms
-    from edgeshard_kit.planning.problem import without_fixed_costs
+    assert ev.latency_ms == plan.latency_ms
     bare = without_fixed_costs(p)
     assert bare.step_ms == 0 and all(dv.stage_ms == 0 for dv in bare.devices) and bare.units == p.units
     assert figures(bare, [Stage("a", 0, 3)])["latency_ms"] == 9.0
+
+
+def test_evaluation_to_dict_is_the_plan_files_json():
+    p = problem_from_dict(two_devices())
+    plan = make_plan(p, [Stage("edge", 0, 2), Stage("cloud", 2, 4)], "throughput")
+    ev = evaluate(p, plan, micro_batches=2, tokens=3)
+    d = ev.to_dict()
+    assert d["stages"] == [{"device": "edge", "start": 0, "end": 2}, {"device": "cloud", "start": 2, "end": 4}]
+    assert d["latency_ms"] == 25 and d["memory_budget_bytes"] == {"edge": 10, "cloud": 10}
+    assert d["throughput_no_bubbles_per_s"] == ev.simulations["no-bubbles"].throughput_per_s
+    assert d["token_interval_bubbles_ms"] == ev.simulations["bubbles"].token_interval_ms
+    assert len(d["timeline_no_bubbles"]) == 2 * 3 * 4
+    bare = ev.to_dict(timelines=False)
+    assert not any(k.startswith("timeline_") for k in bare) and "throughput_bubbles_per_s" in bare
+    json.dumps(d)  # plain data
+    quick = evaluate(p, plan, with_timeline=False)
+    assert quick.simulations == {} and "throughput_bubbles_per_s" not in quick.to_dict()
+
+
+def test_release_rule():
+    assert release("no-bubbles", 1, 1, 3) == [1]
+    assert release("bubbles", 1, 2, 3) == []
+    assert release("bubbles", 0, 3, 3) == [0, 1, 2]
+    assert release("bubbles", 0, 1, 1) == [0]
+    with pytest.raises(KitError, match="schedule"):
+        release("eager", 0, 1, 1)
+
+
+def test_unknown_objective():
+    with pytest.raises(KitError, match="objective 'speed'"):
+        solve(problem_from_dict(two_devices()), "speed")

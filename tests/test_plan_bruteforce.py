@@ -7,9 +7,11 @@ import random
 
 import pytest
 
-from edgeshard_kit.planning import dp
-from edgeshard_kit.planning.problem import figures, problem_from_dict
 from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning import dp
+from edgeshard_kit.planning.baselines import latency_bottleneck_frontier
+from edgeshard_kit.planning.plan import figures
+from edgeshard_kit.planning.problem import problem_from_dict
 
 
 def random_problem(rng: random.Random, n_units: int, n_dev: int, tight: bool) -> dict:
@@ -95,8 +97,6 @@ def test_agrees_with_brute_force(objective, relay):
 
 
 def test_frontier_agrees_with_brute_force():
-    from edgeshard_kit.planning.baselines import latency_bottleneck_frontier
-
     rng = random.Random(7)
     for i in range(80):
         problem = problem_from_dict(random_problem(rng, rng.randint(1, 5), rng.randint(1, 4), tight=i % 2 == 0))

@@ -7,13 +7,14 @@ import json
 import pytest
 import yaml
 
-from edgeshard_kit.profiling.analytic import analytic_profile
 from edgeshard_kit.cli.main import main
-from edgeshard_kit.planning.problem import load_problem, solve
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.problem import load_problem
+from edgeshard_kit.profiling.analytic import analytic_profile
 from edgeshard_kit.profiling.profile import save_profile
 from edgeshard_kit.testbed.inventory import load_testbed
-from edgeshard_kit.core.units import KitError
 
 TESTBED = {
     "name": "t", "devices": [
@@ -49,10 +50,37 @@ def test_build_problem_fields(profiles, testbed):
     # params + KV of 128 tokens x 4 sequences; activations of one micro-batch (2 sequences)
     assert p.units[5].mem_bytes == prof.param_bytes()[5] + prof.kv_bytes_per_token()[5] * 128 * 4
     assert p.units[5].out_bytes == prof.out_bytes_per_token()[5] * 2
-    assert p.return_bytes == prof.out_bytes_per_token()[-1] * 2
+    assert p.return_bytes == 8 * 2  # an int64 token id per sequence of a micro-batch
     assert p.link("agx", "gpu").mbps == 10 and p.link("gpu", "agx").mbps == 1000
     assert p.devices[2].memory_bytes == 22 * 2**30
     assert solve(p, "latency").stages[0].device == "agx"
+
+
+def test_return_hop_priced_as_the_runtime_sends_it(profiles, testbed):
+    head = profiles["jetson-agx-orin-32gb"].out_bytes_per_token()[-1]  # logits of one sequence (batch-1 profile)
+    for mbs in (1, 3):
+        wl = Workload(batch=2 * mbs, micro_batches=2)
+        assert build_problem(profiles, testbed, wl).return_bytes == 8 * mbs
+        assert build_problem(profiles, testbed, wl, returns="tokens").return_bytes == 8 * mbs
+        logits = build_problem(profiles, testbed, wl, returns="logits")
+        assert logits.return_bytes == head * mbs and head > 8
+        assert logits.meta["returns"] == "logits"
+        assert build_problem(profiles, testbed, wl, returns=4).return_bytes == 4 * mbs
+    with pytest.raises(KitError, match="returns: 'ids'"):
+        build_problem(profiles, testbed, Workload(), returns="ids")
+
+
+def test_runtime_fixed_costs_from_an_object_or_a_dict(profiles, testbed):
+    costs = {"stage_ms": {"rtx-3090-24gb": 0.7}, "step_ms": 1.5}
+
+    class Costs:  # the shape of runtime.calibrate's RuntimeCosts
+        stage_ms = costs["stage_ms"]
+        step_ms = costs["step_ms"]
+
+    a, b = build_problem(profiles, testbed, runtime=costs), build_problem(profiles, testbed, runtime=Costs())
+    assert a == b and a.step_ms == 1.5 and [d.stage_ms for d in a.devices] == [0.0, 0.0, 0.7]
+    assert a.meta["runtime_overheads"] == costs
+    assert "runtime_overheads" not in build_problem(profiles, testbed).meta
 
 
 def test_build_problem_errors(profiles, testbed):

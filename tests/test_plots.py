@@ -4,7 +4,8 @@ import pandas as pd
 import pytest
 
 from edgeshard_kit.experiments import plots
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
 
 
 def test_partition_map_colors_units_by_stage():
@@ -57,7 +58,3 @@ def test_missing_columns_name_the_problem():
     with pytest.raises(KitError, match="missing column"):
         plots.bars([{"x": 1}], "latency_ms")
 
-
-def test_save_figure_writes_html(tmp_path):
-    p = plots.save_figure(plots.per_unit([{"unit": 0, "decode_ms": 1, "device": "d"}]), tmp_path / "f")
-    assert p.suffix == ".html" and "plotly.min.js" in p.read_text()

@@ -18,12 +18,9 @@ def test_link_figures_from_round_trips():
     assert [r["bytes"] for r in recs] == [PING_BYTES, 1_000_000]
 
 
-def test_probe_every_ordered_pair_with_a_shaped_link(tmp_path):
-    tb = tbmod.testbed_from_dict({"name": "p", "devices": [
-        {"name": "a", "type": "cpu", "memory": "1GiB", "source": True},
-        {"name": "b", "type": "cpu", "memory": "1GiB"},
-        {"name": "c", "type": "cpu", "memory": "1GiB"}],
-        "links": {"default": {"mbps": None}, "pairs": [{"src": "a", "dst": "c", "mbps": 40, "latency_ms": 0.0}]}})
+def test_probe_every_ordered_pair_with_a_shaped_link(local_testbed):
+    tb = local_testbed(3, names=["a", "b", "c"], links={
+        "default": {"mbps": None}, "pairs": [{"src": "a", "dst": "c", "mbps": 40, "latency_ms": 0.0}]})
     out = probe_testbed(tb, sizes=(64 * 1024, 512 * 1024), repeats=2)
     pairs = {(p["src"], p["dst"]): p for p in out["links"]["pairs"]}
     assert set(pairs) == {(x, y) for x in "abc" for y in "abc" if x != y}

@@ -8,7 +8,7 @@ import pytest
 
 from edgeshard_kit.profiling.profile import (Profile, UnitProfile, check_profile_matches, load_profile, merge_profiles,
                                    profiles_frame, save_profile, scale_times)
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 
 def make_profile(n_layers=2, device_type="dev-a", model="m", scale=1.0) -> Profile:
@@ -99,11 +99,8 @@ def test_malformed_files_name_file_and_field(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
-
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("ck") / "tiny", layers=2, hidden=64, intermediate=128,
-                                 heads=4, kv_heads=2, vocab=512)
+def tiny(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512)
 
 
 def test_measured_profile_on_tiny_checkpoint(tiny, tmp_path):

@@ -7,8 +7,9 @@ import csv
 import pytest
 
 from edgeshard_kit.cli.main import main
-from edgeshard_kit.planning.problem import solve
-from edgeshard_kit.experiments.paper import COLUMNS, paper_problem, reproduce
+from edgeshard_kit.experiments.paper import COLUMNS, paper_inventory, paper_problem, reproduce
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.testbed.inventory import Testbed
 
 
 def test_paper_problem_7b():
@@ -21,6 +22,15 @@ def test_paper_problem_7b():
     assert p.transfer_ms("agx0", "rtx0", 65536) == pytest.approx(2.1 + 65536 * 8 / 20e3)
     # at 20 Mbps the latency optimum (agx0: units 0-5, RTX 3090: 5-34) is the paper's 75.88 ms/token, nearly
     assert solve(p, "latency").latency_ms == pytest.approx(75.688, abs=0.01)
+    assert p.return_bytes == 4  # one token id back per sequence, as the reproduction prices it
+
+
+def test_paper_testbed_is_an_inventory():
+    tb = paper_inventory(20)
+    assert isinstance(tb, Testbed) and tb.source.name == "agx0" and len(tb.devices) == 15
+    assert [d.name for d in tb.devices if d.cloud] == ["rtx0"]
+    assert tb.link("rtx0", "agx3").mbps == 20 and tb.link("agx3", "nx1").mbps == 1000
+    assert tb.device("nx0").memory_bytes == 14 * 2**30
 
 
 def test_reproduce_rows():
@@ -38,6 +48,7 @@ def test_reproduce_rows():
         r = by[("llama2-70b", m, "latency", "sequential")]
         assert r["feasible"] is False and "out of memory" in r["reason"] and r["latency_ms"] == ""
     assert by[("llama2-70b", "edgeshard", "latency", "sequential")]["feasible"]
+    assert by[("llama2-7b", "Edge-Solo", "latency", "sequential")]["stages"] == "agx0[0:34)"
 
 
 def test_cli_writes_csv(tmp_path, capsys):

@@ -16,10 +16,11 @@ from pathlib import Path
 import psutil
 import pytest
 
-from edgeshard_kit.runtime.launchers import new_token
-from edgeshard_kit.runtime.ssh_launcher import SSHLauncher, connect, resolve_target, run_json
+from edgeshard_kit.runtime.protocol import new_token
+from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
+from edgeshard_kit.testbed.access import connect, resolve_target, run_json
 from edgeshard_kit.testbed.inventory import Device
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -215,7 +216,7 @@ def test_worker_lifecycle(sshd, tmp_path):
 
 COORDINATOR = """
 import sys, time
-from edgeshard_kit.runtime.launchers import new_token
+from edgeshard_kit.runtime.protocol import new_token
 from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
 from edgeshard_kit.testbed.inventory import Device
 dev = Device(name="box0", type="cpu", memory_bytes=1 << 30, launch="ssh", host="box", python=sys.executable)

@@ -11,9 +11,8 @@ import textwrap
 import pytest
 import torch
 
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.model.stage import StageModel
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 LAYERS = 4
 TOTAL = LAYERS + 2
@@ -43,8 +42,8 @@ SPLITS = [
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return write_tiny_checkpoint(tmp_path_factory.mktemp("stage") / "m", shard_size=100_000, **SMALL)
+def ckpt(tiny_checkpoint_factory):
+    return tiny_checkpoint_factory(shard_size=100_000, **SMALL)
 
 
 @pytest.fixture(scope="module")
@@ -171,10 +170,9 @@ MEM_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_stage_memory_is_a_fraction_of_the_model(tmp_path):
+def test_stage_memory_is_a_fraction_of_the_model(tiny_checkpoint_factory):
     """A stage with 2 of 8 layers of a ~440 MB checkpoint adds well under half the RSS of the whole model."""
-    d = write_tiny_checkpoint(tmp_path / "big", layers=8, hidden=1024, intermediate=2816, heads=8, kv_heads=4,
-                              vocab=8000)
+    d = tiny_checkpoint_factory(layers=8, hidden=1024, intermediate=2816, heads=8, kv_heads=4, vocab=8000)
     size = (d / "model.safetensors").stat().st_size
     added = {}
     for what in ("full", "stage"):

@@ -9,8 +9,9 @@ import pytest
 import yaml
 
 from edgeshard_kit.testbed import inventory as tbm
-from edgeshard_kit.testbed.inventory import Device, Link, Testbed, format_size, load_testbed, parse_size
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.testbed.inventory import Device, Link, Testbed, load_testbed
+from edgeshard_kit.core.numbers import format_size, parse_size
+from edgeshard_kit.core.errors import KitError
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["local.yaml", "emulated.yaml", "jetson-cluster.example.yaml"]

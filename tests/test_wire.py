@@ -1,5 +1,7 @@
-"""The wire: exact round trips for every dtype, the decoder against random and truncated bytes, auth, shaping."""
+"""The wire and the protocol: exact round trips for every dtype, the decoder against random and truncated bytes,
+auth, shaping; message kinds, the StageConfig both ends read, the listening line."""
 
+import json
 import socket
 import struct
 import threading
@@ -10,8 +12,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.launchers import new_token, read_token_file, write_token_file
+from edgeshard_kit.runtime.protocol import (Kind, LinkShape, PeerAddress, ProtocolError, Role, StageConfig,
+                                            listening_line, new_token, parse_listening, read_token_file,
+                                            write_token_file)
 
 
 def _sample(dtype: torch.dtype, shape: tuple) -> torch.Tensor:
@@ -175,7 +180,49 @@ def test_bad_magic_names_problem():
 
 
 def test_loopback_benchmark_alternates_the_wire_and_plain_tcp():
-    from edgeshard_kit.cli.runtime import bench_loopback
+    from edgeshard_kit.bench.pipeline import bench_loopback
+
     rows = bench_loopback(1 << 20, repeats=2)
     assert [r["impl"] for r in rows] == ["socket", "wire", "wire", "socket"]  # alternating, warm-ups dropped
     assert all(r["bytes"] == 1 << 20 and r["seconds"] > 0 and r["gb_per_s"] > 0 for r in rows)
+
+
+# ---- the protocol ---------------------------------------------------------------------------------------------
+def test_kinds_and_roles_travel_as_plain_strings():
+    f = wire.decode_frame(wire.encode_frame(Kind.ROLE, role=Role.CONTROL))
+    assert f.kind == Kind.ROLE == "role" and type(f.kind) is str and f["role"] == Role.CONTROL
+    assert len({k.value for k in Kind}) == len(Kind)  # one spelling per kind
+    assert wire.ProtocolError is ProtocolError and issubclass(ProtocolError, KitError)
+
+
+def test_stage_config_round_trips_through_json():
+    cfg = StageConfig(stage=1, model_path="/m", start=2, end=5, device_name="edge1", threads=2,
+                      next=PeerAddress("10.0.0.2", 5100), shape_next=LinkShape(50.0, 2.0))
+    meta = wire.decode_frame(wire.encode_frame(Kind.CONFIG, **cfg.to_dict())).meta
+    back = StageConfig.from_dict(json.loads(json.dumps(meta)))
+    assert back == cfg and not back.last and StageConfig(0, "/m", 0, 2).last
+    # what the worker does with the shapes: a token bucket at the link's rate
+    assert wire.shaper_for(back.shape_next).rate == 50e6 / 8 and wire.shaper_for(back.shape_return) is None
+    # the fields the coordinator may leave out take their defaults
+    assert StageConfig.from_dict({"stage": 0, "model_path": "/m", "start": 0, "end": 3}).dtype == "float32"
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"model_path": None}, "'model_path'"),
+    ({"start": 4}, "units [4, 4)"),
+    ({"stage": True}, "'stage'"),
+    ({"threads": 0}, "threads 0"),
+    ({"next": {"host": "h", "port": 70000}}, "port 70000"),
+    ({"shape_next": {"mbps": -1}}, "mbps must be > 0"),
+    ({"colour": "red"}, "unknown fields ['colour']"),
+])
+def test_stage_config_names_what_is_wrong(change, words):
+    d = {**StageConfig(stage=0, model_path="/m", start=0, end=4).to_dict(), **change}
+    with pytest.raises(ProtocolError) as e:
+        StageConfig.from_dict(d)
+    assert words in str(e.value)
+
+
+def test_listening_line_round_trip():
+    assert parse_listening(listening_line("0.0.0.0", 5100)) == {"event": "listening", "host": "0.0.0.0", "port": 5100}
+    assert parse_listening("[worker 1] loading") is None and parse_listening('{"event": "other"}') is None

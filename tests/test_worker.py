@@ -5,10 +5,13 @@ import socket
 import psutil
 import pytest
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.launchers import LocalLauncher, launcher_for, new_token, worker_command
+from edgeshard_kit.runtime.launch import LaunchOptions, launcher_for, link_shape
+from edgeshard_kit.runtime.launchers import LocalLauncher, worker_command
+from edgeshard_kit.runtime.protocol import Kind, LinkShape, new_token
+from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
 from edgeshard_kit.testbed.inventory import Device
-from edgeshard_kit.core.units import KitError
 
 DEV = Device(name="w0", type="cpu", memory_bytes=1 << 30)
 
@@ -60,9 +63,25 @@ def test_missing_model_path_names_host_and_path(worker):
     f = c.recv()
     assert f.kind == "error"
     assert "/no/such/model" in f["message"] and socket.gethostname() in f["message"]
+    c.send(Kind.CONFIG, stage=0, model_path="/m", start=3, end=3)  # a config that is not a stage's: named, not fatal
+    f = c.recv()
+    assert f.kind == Kind.ERROR and "units [3, 3)" in f["message"] and socket.gethostname() in f["message"]
     c.send("shutdown")
     assert c.recv().kind == "bye"
     c.close()
+
+
+def test_launch_options_and_link_shapes(local_testbed):
+    opts = LaunchOptions.of({"ssh": {"python": "/usr/bin/python3"}})
+    assert opts.for_kind("ssh") == {"python": "/usr/bin/python3"} and opts.for_kind("local") == {}
+    assert LaunchOptions.of(opts) is opts and LaunchOptions.of(None) == LaunchOptions()
+    with pytest.raises(KitError, match="unknown launch kinds"):
+        LaunchOptions.of({"docker": {}})
+    assert isinstance(launcher_for(Device(name="r", type="cpu", memory_bytes=1, launch="ssh")), SSHLauncher)
+    tb = local_testbed(2, names=["a", "b"],
+                       links={"default": {"mbps": None}, "pairs": [{"src": "a", "dst": "b", "mbps": 40}]})
+    assert link_shape(tb, "a", "b") == LinkShape(40.0, 0.0)
+    assert link_shape(tb, "b", "a") is None and link_shape(tb, "a", "a") is None
 
 
 def test_worker_exits_when_its_coordinator_disconnects():

@@ -1,1 +1,1 @@
-"""bench."""
+"""The `edgeshard bench` families: one module each; functions return rows and print nothing."""

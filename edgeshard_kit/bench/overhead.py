@@ -1,19 +1,18 @@
-"""`edgeshard bench overhead`: per-token decode of the kit's one-stage path against transformers' generate."""
+"""`edgeshard bench overhead`: rows of per-token decode time, the kit's one-stage path against transformers' generate."""
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 from pathlib import Path
 
 import torch
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import n_units
 from edgeshard_kit.model.checkpoint import load_llama_config, load_tokenizer, quiet_progress
 from edgeshard_kit.model.generate import build_stages, encode_prompts, run_stages
-from edgeshard_kit.experiments.results import write_rows
 from edgeshard_kit.model.stage import parse_device, parse_dtype, synchronize
-from edgeshard_kit.core.units import KitError, n_units
 
 PROMPT = "Collaborative inference splits a large language model into shards that run on nearby devices."
 FIELDS = ["impl", "repeat", "tokens", "prompt_len", "prefill_ms", "decode_ms_median", "decode_ms_mean",
@@ -101,27 +100,3 @@ def overhead_ratio(rows: list[dict]) -> float:
     hf = statistics.median(r["decode_ms_median"] for r in rows if r["impl"] == "transformers")
     return kit / hf
 
-
-def _cmd_overhead(args: argparse.Namespace) -> int:
-    rows = measure_overhead(args.model, tokens=args.tokens, repeats=args.repeats, dtype=args.dtype, device=args.device,
-                            threads=args.threads)
-    path = write_rows(rows, args.out, FIELDS)
-    for impl in ("kit", "transformers"):
-        meds = [r["decode_ms_median"] for r in rows if r["impl"] == impl]
-        print(f"{impl:>12}: decode ms/token min {min(meds):.2f} median {statistics.median(meds):.2f} max {max(meds):.2f}")
-    print(f"ratio kit/transformers (median decode ms/token): {overhead_ratio(rows):.3f}  "
-          f"({rows[0]['param_bytes'] / 1e6:.0f} MB of weights, {args.repeats} repeats x {args.tokens} tokens) -> {path}")
-    return 0
-
-
-def add_bench_commands(bench_sub) -> None:
-    """Register `edgeshard bench overhead`."""
-    p = bench_sub.add_parser("overhead", help="per-token decode time of the kit's one-stage path vs transformers")
-    p.add_argument("--model", required=True, help="Llama checkpoint directory")
-    p.add_argument("--tokens", type=int, default=32, help="new tokens per run (default 32)")
-    p.add_argument("--repeats", type=int, default=5, help="alternating runs of each (default 5)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", default="results/overhead_bench.csv", help="CSV written (default results/overhead_bench.csv)")
-    p.set_defaults(func=_cmd_overhead)

@@ -1,1 +1,1 @@
-"""cli."""
+"""The `edgeshard` command line: argparse and printing only; nothing imports this package."""

@@ -1,58 +1,71 @@
-"""The `edgeshard plan` command and `edgeshard bench solver` (solver speed on paper-sized problems)."""
+"""The `edgeshard plan` command (solve, evaluate, baselines, Pareto) and `edgeshard reproduce-paper`: parsing and printing."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
-import random
-import time
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.cli.main import COMMANDS
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import write_rows
+from edgeshard_kit.experiments.paper import CLOUD_MBPS, COLUMNS, MODELS, reproduce, summary
+from edgeshard_kit.planning.baselines import baselines, pareto, solve_constrained, solve_for_micro_batches
+from edgeshard_kit.planning.build import RETURNS, Workload, build_problem, load_profiles
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.plan import load_plan, save_plan
+from edgeshard_kit.planning.problem import Problem, load_problem, save_problem
+from edgeshard_kit.planning.schedule import evaluate, format_evaluation
+from edgeshard_kit.testbed.inventory import load_testbed
 
 
-def _problem(args):
-    from edgeshard_kit.planning.problem import load_problem
-    from edgeshard_kit.planning.build import problem_from_args
-
+def problem_from_args(args: argparse.Namespace) -> Problem:
+    """The problem of --problem FILE, or of the --profiles / --testbed / workload flags."""
     if args.problem:
         return load_problem(args.problem)
-    return problem_from_args(args)
+    if not args.profiles or not args.testbed:
+        raise KitError("give --problem FILE.json, or --profiles P1.json,P2.json and --testbed FILE.yaml")
+    profiles = load_profiles([p for p in args.profiles.split(",") if p.strip()])
+    wl = Workload(prompt_len=args.prompt_len, gen_tokens=args.gen_tokens, batch=args.batch,
+                  micro_batches=args.micro_batches, phase=args.phase)
+    return build_problem(profiles, load_testbed(args.testbed), wl, returns=args.returns)
 
 
-def _jsonable(x):
+def _finite(x):
+    """JSON has no infinity: inf and nan become null."""
     if isinstance(x, float) and not math.isfinite(x):
         return None
     if isinstance(x, dict):
-        return {k: _jsonable(v) for k, v in x.items()}
+        return {k: _finite(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [_finite(v) for v in x]
     return x
 
 
-def cmd_plan(args) -> int:
-    from edgeshard_kit.planning.baselines import baselines, pareto, solve_constrained, solve_for_micro_batches
-    from edgeshard_kit.planning.problem import load_plan, save_plan, save_problem, solve
-    from edgeshard_kit.planning.schedule import evaluate, format_evaluation
+def _print_pareto(front: list[dict], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(_finite(front), indent=1))
+        return
+    for r in front:
+        devs = ",".join(dict.fromkeys(s["device"] for s in r["stages"]))
+        print(f"  {r['latency_ms']:10.3f} ms/token  {r['throughput_per_s']:9.2f} tokens/s  "
+              f"K={r['micro_batches']:<3} devices {devs}")
 
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    """`edgeshard plan`: solve (or load) a plan, evaluate it (and the baselines), print text or JSON."""
     if args.micro_batches < 1 or args.tokens < 1:
         raise KitError("--micro-batches and --tokens must be >= 1")
     if args.batch is None:
         args.batch = args.micro_batches
-    problem = _problem(args)
+    problem = problem_from_args(args)
     if args.dump_problem:
         path = save_problem(problem, args.dump_problem)
         print(f"wrote {path}: {problem.n_units} units, {len(problem.devices)} devices")
         if not (args.out or args.evaluate or args.json or args.baselines or args.pareto):
             return 0
     if args.pareto:
-        front = pareto(problem, tuple(int(k) for k in args.pareto.split(",")), tokens=args.tokens)
-        if args.json:
-            print(json.dumps(_jsonable(front), indent=1))
-        else:
-            for r in front:
-                devs = ",".join(dict.fromkeys(s["device"] for s in r["stages"]))
-                print(f"  {r['latency_ms']:10.3f} ms/token  {r['throughput_per_s']:9.2f} tokens/s  "
-                      f"K={r['micro_batches']:<3} devices {devs}")
+        _print_pareto(pareto(problem, tuple(int(k) for k in args.pareto.split(",")), tokens=args.tokens), args.json)
         return 0
     if args.evaluate:
         plan = load_plan(args.evaluate)
@@ -62,28 +75,36 @@ def cmd_plan(args) -> int:
         plan = solve_for_micro_batches(problem, args.micro_batches)
     else:
         plan = solve(problem, args.objective, relay=args.relay)
-    ev = evaluate(problem, plan, args.micro_batches, args.tokens)
+    evs = [evaluate(problem, plan, args.micro_batches, args.tokens)]
     if args.out:
         save_plan(plan, args.out)
-    plans = [ev]
     if args.baselines:
-        plans += [evaluate(problem, b, args.micro_batches, args.tokens) for b in baselines(problem, args.objective)]
+        evs += [evaluate(problem, b, args.micro_batches, args.tokens) for b in baselines(problem, args.objective)]
     if args.json:
-        keep = ev if not args.baselines else {"plan": ev, "baselines": plans[1:]}
-        if not args.timeline:
-            for e in plans:
-                e.pop("timeline_bubbles", None), e.pop("timeline_no_bubbles", None)
-        print(json.dumps(_jsonable(keep), indent=1))
+        dicts = [e.to_dict(timelines=args.timeline) for e in evs]
+        keep = dicts[0] if not args.baselines else {"plan": dicts[0], "baselines": dicts[1:]}
+        print(json.dumps(_finite(keep), indent=1))
     else:
-        for e in plans:
+        for e in evs:
             print(format_evaluation(e))
         if args.out:
             print(f"wrote {args.out}")
     return 0
 
 
-def add_plan_command(sub) -> None:
-    p = sub.add_parser("plan", help="choose devices and layer ranges (exact DP), evaluate plans and baselines")
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    """`edgeshard reproduce-paper`: simulate the paper's experiments, print the summary, write the CSV."""
+    models = tuple(m.strip() for m in args.models.split(",") if m.strip())
+    mbps = tuple(float(x) for x in args.cloud_mbps.split(","))
+    rows = reproduce(models, mbps, tokens=args.tokens)
+    p = write_rows(rows, args.out, COLUMNS)
+    print(summary(rows))
+    print(f"wrote {p} ({len(rows)} rows)")
+    return 0
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser("plan", help=COMMANDS["plan"][1])
     p.add_argument("--problem", help="problem JSON (units, devices, links, return_bytes)")
     p.add_argument("--profiles", help="comma-separated profile JSON files (one per device type), with --testbed")
     p.add_argument("--testbed", help="testbed inventory YAML, with --profiles")
@@ -91,6 +112,9 @@ def add_plan_command(sub) -> None:
     p.add_argument("--gen-tokens", type=int, default=96, help="generated tokens (default 96)")
     p.add_argument("--batch", type=int, default=None, help="sequences in all (default: one per micro-batch)")
     p.add_argument("--phase", choices=("decode", "prefill"), default="decode", help="which step unit_ms times")
+    p.add_argument("--returns", choices=RETURNS, default="tokens",
+                   help="what the last stage sends back: tokens (the runtime: 8 bytes a sequence, default) or "
+                        "logits (the paper's model)")
     p.add_argument("--dump-problem", metavar="OUT.json", help="write the problem built from profiles + testbed")
     p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
     p.add_argument("--relay", action="store_true", help="a device may run several non-contiguous stages")
@@ -108,70 +132,16 @@ def add_plan_command(sub) -> None:
     p.set_defaults(func=cmd_plan)
 
 
-# ---- solver benchmark ------------------------------------------------------------------------------
-
-def _synthetic(n_units: int, types: list[tuple[str, int, float, float]], mbps_cloud: float, seed: int = 0):
-    """A problem with `types` = (name, count, ms per layer, memory GB); distinct types get jittered times."""
-    from edgeshard_kit.planning.problem import problem_from_dict
-
-    rng = random.Random(seed)
-    units = [{"name": f"u{u}", "mem_bytes": 0.754e9 if 0 < u < n_units - 1 else 0.488e9, "out_bytes": 65536}
-             for u in range(n_units)]
-    devices = []
-    for name, count, ms, mem in types:
-        base = [ms * (0.12 if u in (0, n_units - 1) else 1.0) * rng.uniform(0.9, 1.1) for u in range(n_units)]
-        for i in range(count):
-            devices.append({"name": f"{name}{i}", "memory_bytes": mem * 1e9, "source": not devices,
-                            "cloud": name == "cloud", "unit_ms": base})
-    pairs = [{"src": a["name"], "dst": b["name"], "mbps": mbps_cloud, "latency_ms": 2.1}
-             for a in devices for b in devices if a is not b and "cloud" in (a["name"][:5], b["name"][:5])]
-    return problem_from_dict({"units": units, "devices": devices, "return_bytes": 4,
-                              "links": {"default": {"mbps": 1000, "latency_ms": 2.1}, "pairs": pairs}})
+def _add_reproduce(sub) -> None:
+    p = sub.add_parser("reproduce-paper", help=COMMANDS["reproduce-paper"][1])
+    p.add_argument("--out", default="results/paper_reproduction.csv")
+    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--cloud-mbps", default=",".join(str(x) for x in CLOUD_MBPS), help="cloud link bandwidths")
+    p.add_argument("--tokens", type=int, default=96, help="generated tokens per micro-batch in the timeline")
+    p.set_defaults(func=cmd_reproduce)
 
 
-def _distinct(n_units: int, n_dev: int, seed: int = 1):
-    """n_dev pairwise-distinct devices (different speeds and memories)."""
-    rng = random.Random(seed)
-    return _synthetic(n_units, [(f"dev{i}x", 1, rng.uniform(1, 8), rng.uniform(4, 30)) for i in range(n_dev)], 50)
-
-
-def bench_solver(out: str = "results/solver_bench.csv", repeats: int = 3) -> list[dict]:
-    """Time the solvers on paper-sized problems; write a CSV (median of repeats, ms)."""
-    from edgeshard_kit.planning import dp
-    from edgeshard_kit.planning.problem import solve
-
-    cases = [
-        ("latency", "80 layers x 16 devices (12 AGX-like + 3 NX-like + 1 cloud: 3 types)",
-         _synthetic(82, [("agx", 12, 5.3, 29), ("nx", 3, 6.0, 14), ("cloud", 1, 0.8, 22)], 10)),
-        ("latency", "80 layers x 16 devices (4 types of 4)",
-         _synthetic(82, [("a", 4, 5.3, 29), ("b", 4, 6.0, 14), ("c", 4, 3.0, 8), ("cloud", 4, 0.8, 22)], 10)),
-        ("throughput", "paper testbed: 34 units x 15 devices (12 AGX + 2 NX + 1 RTX 3090: 3 types)",
-         _synthetic(34, [("agx", 12, 5.3, 29), ("nx", 2, 6.0, 14), ("cloud", 1, 0.8, 22)], 10)),
-        ("latency", "34 units x 12 pairwise-distinct devices (2^12 device sets)", _distinct(34, 12)),
-        ("throughput", "34 units x 12 pairwise-distinct devices (2^12 device sets)", _distinct(34, 12)),
-    ]
-    rows = []
-    for objective, what, problem in cases:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            plan = solve(problem, objective)
-            times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        rows.append({"objective": objective, "problem": what, "units": problem.n_units,
-                     "devices": len(problem.devices), "types": len(dp.device_types(problem)),
-                     "min_ms": round(times[0], 2), "median_ms": round(times[len(times) // 2], 2),
-                     "max_ms": round(times[-1], 2), "plan_devices": len(plan.devices),
-                     "value_ms": round(plan.latency_ms if objective == "latency" else plan.bottleneck_ms, 3)})
-        print(f"{objective:<10} {rows[-1]['median_ms']:9.2f} ms (min {rows[-1]['min_ms']}, max {rows[-1]['max_ms']})"
-              f"  {what}")
-    from edgeshard_kit.experiments.results import write_rows
-    print(f"wrote {write_rows(rows, out)}")
-    return rows
-
-
-def add_solver_bench(bench_sub) -> None:
-    p = bench_sub.add_parser("solver", help="planner speed: latency and throughput DPs on paper-sized problems")
-    p.add_argument("--out", default="results/solver_bench.csv")
-    p.add_argument("--repeats", type=int, default=3)
-    p.set_defaults(func=lambda a: bench_solver(a.out, a.repeats) and 0)
+def add_parsers(sub) -> None:
+    """Register `edgeshard plan` and `edgeshard reproduce-paper`."""
+    _add_plan(sub)
+    _add_reproduce(sub)

@@ -1,11 +1,17 @@
-"""The `edgeshard testbed` commands: check/show an inventory; up, down and status of the emulated testbed."""
+"""`edgeshard testbed` (check/show an inventory; up, down, status of the emulated one), `ssh check` and `probe`."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
+from edgeshard_kit.cli.main import COMMANDS
+from edgeshard_kit.core.numbers import format_size, parse_size
+from edgeshard_kit.runtime.probe import probe_testbed
+from edgeshard_kit.runtime.ssh_launcher import check_devices
+from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S
+from edgeshard_kit.testbed.inventory import load_testbed
 from edgeshard_kit.testbed.netns import testbed_down, testbed_status, testbed_up
-from edgeshard_kit.testbed.inventory import format_size, load_testbed
 
 
 def _cmd_show(args) -> int:
@@ -65,9 +71,9 @@ def _cmd_status(args) -> int:
     return 0
 
 
-def add_commands(sub) -> None:
-    """`edgeshard testbed up/down/status/show FILE`."""
-    p = sub.add_parser("testbed", help="the testbed: validate an inventory; bring the emulated testbed up or down")
+def _add_testbed(sub) -> None:
+    """`edgeshard testbed up/down/status/show/check FILE`."""
+    p = sub.add_parser("testbed", help=COMMANDS["testbed"][1])
     tsub = p.add_subparsers(dest="testbed_cmd", metavar="ACTION", required=True)
     for name, func, text in (("up", _cmd_up, "make namespaces, bridge, sshd, cgroups, tc (root; idempotent)"),
                              ("down", _cmd_down, "remove everything `up` made (also after a crash)"),
@@ -78,3 +84,69 @@ def add_commands(sub) -> None:
             q.add_argument("--json", action="store_true", help="print the status as JSON")
         q.set_defaults(func=func)
     _add_show(tsub)
+
+
+# ---- ssh check ----------------------------------------------------------------------------------------------
+def _cmd_ssh_check(args: argparse.Namespace) -> int:
+    tb = load_testbed(args.file)
+    if not args.device and not any(d.launch == "ssh" for d in tb.devices):
+        print(f"testbed {tb.name}: no device has launch: ssh")
+        return 0
+    results = check_devices(tb, args.device, model_path=args.model_path, ssh_config=args.ssh_config,
+                            known_hosts=args.known_hosts, accept_new_host_keys=args.accept_new_host_keys,
+                            connect_timeout=args.timeout)
+    for r in results:
+        if "error" in r:
+            print(f"{r['device']:12s} FAIL  {r['error']}")
+        else:
+            print(f"{r['device']:12s} ok    {r['where']}  python {r['python_version']} ({r['python']})  "
+                  f"edgeshard-kit {r['kit_version']}  model {r['model_path'] or '(coordinator path, not checked)'}")
+    return 2 if any("error" in r for r in results) else 0
+
+
+def _add_ssh(sub) -> None:
+    """`edgeshard ssh check FILE`: preflight of the testbed's SSH devices."""
+    p = sub.add_parser("ssh", help=COMMANDS["ssh"][1])
+    ssub = p.add_subparsers(dest="ssh_cmd", metavar="ACTION", required=True)
+    c = ssub.add_parser("check", help="connect to each SSH device; check python, edgeshard_kit and the model path")
+    c.add_argument("file", help="testbed inventory (YAML)")
+    c.add_argument("--device", action="append", help="only this device (repeatable)")
+    c.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
+    c.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
+    c.add_argument("--accept-new-host-keys", action="store_true", help="lab testbeds: accept and save unknown host keys")
+    c.add_argument("--model-path", help="checkpoint path on the hosts, for devices without model_path")
+    c.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S, help="connection timeout, s")
+    c.set_defaults(func=_cmd_ssh_check)
+
+
+# ---- probe --------------------------------------------------------------------------------------------------
+def _cmd_probe(args: argparse.Namespace) -> int:
+    tb = load_testbed(args.testbed)
+    sizes = tuple(parse_size(s.strip(), "--sizes") for s in args.sizes.split(",") if s.strip())
+    out = probe_testbed(tb, sizes, args.repeats)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    print(f"{'src':>12s} -> {'dst':12s} {'bytes':>10s} {'median ms':>10s} {'Mbps':>10s}")
+    for r in out["records"]:
+        mbps = f"{r['mbps']:.1f}" if r["mbps"] else "-"
+        print(f"{r['src']:>12s} -> {r['dst']:12s} {r['bytes']:>10d} {r['ms_median']:>10.3f} {mbps:>10s}")
+    print("links section for the testbed / planner:")
+    print(json.dumps(out["links"], indent=1))
+    return 0
+
+
+def _add_probe(sub) -> None:
+    p = sub.add_parser("probe", help=COMMANDS["probe"][1])
+    p.add_argument("--testbed", required=True, help="testbed inventory YAML")
+    p.add_argument("--sizes", default="64KiB,1MiB,8MiB", help="payload sizes (default 64KiB,1MiB,8MiB)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats per size after one warm-up (default 3)")
+    p.add_argument("--json", action="store_true", help="print one JSON object {records, links}")
+    p.set_defaults(func=_cmd_probe)
+
+
+def add_parsers(sub) -> None:
+    """Register `edgeshard testbed`, `edgeshard ssh` and `edgeshard probe`."""
+    _add_testbed(sub)
+    _add_ssh(sub)
+    _add_probe(sub)

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
 
-
-class KitError(ValueError):
-    """A user-facing error: one line that names the problem (the CLI prints it and exits 2)."""
+from edgeshard_kit.core.errors import KitError
 
 
 @dataclass(frozen=True)
@@ -33,14 +28,6 @@ class Stage:
     @property
     def units(self) -> range:
         return range(self.start, self.end)
-
-
-def read_json(path, label: str = "") -> Any:
-    """The parsed JSON file at `path`; KitError "<label><path>: not valid JSON (why at line N)" otherwise."""
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise KitError(f"{label}{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
 
 
 def n_units(n_layers: int) -> int:
@@ -94,5 +81,6 @@ def parse_split(text: str, total: int) -> list[tuple[int, int]]:
     return ranges
 
 
-def stages_to_json(stages: list[Stage]) -> str:
-    return json.dumps([s.to_dict() for s in stages])
+def format_stages(stages) -> str:
+    """The one text form of a stage list: "edge0[0:12) cloud[12:32)" (half-open unit ranges)."""
+    return " ".join(f"{s.device}[{s.start}:{s.end})" for s in stages)

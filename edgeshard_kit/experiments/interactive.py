@@ -5,8 +5,13 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from edgeshard_kit.planning.problem import Problem
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.experiments import plots
+from edgeshard_kit.experiments.paper import paper_problem
+from edgeshard_kit.experiments.steps import predicted_methods
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.problem import Problem, load_problem
+from edgeshard_kit.planning.schedule import evaluate
 
 GB = 1e9
 
@@ -14,9 +19,7 @@ GB = 1e9
 def problem_for(problem_file: str = "", model: str = "llama2-7b", cloud_mbps: float = 20.0) -> Problem:
     """The problem of a JSON file, or ("" ) the paper's setting for `model` with the cloud at `cloud_mbps`."""
     if problem_file:
-        from edgeshard_kit.planning.problem import load_problem
         return load_problem(problem_file)
-    from edgeshard_kit.experiments.benchmark import paper_problem
     return paper_problem(model, cloud_mbps)
 
 
@@ -51,9 +54,6 @@ def link_names(problem: Problem) -> list[str]:
 
 def solve_all(problem: Problem, objective: str, micro_batches: int, tokens: int = 4) -> dict:
     """EdgeShard's plan for `objective` with its evaluation, and every method's predicted figures."""
-    from edgeshard_kit.experiments.steps import predicted_methods
-    from edgeshard_kit.planning.problem import solve
-    from edgeshard_kit.planning.schedule import evaluate
     try:
         plan = solve(problem, objective)
     except KitError as e:
@@ -148,7 +148,6 @@ class PlanExplorer:
 
     def figures(self) -> dict:
         """The current solve's figures: partition map, method bars, Gantt chart (no-bubbles schedule)."""
-        from edgeshard_kit.experiments import plots
         r, figs = self.result, {}
         if r.get("plan") is not None:
             figs["partition"] = plots.partition_map(r["plan"], devices=self.problem().names,
@@ -157,8 +156,8 @@ class PlanExplorer:
         ok = [m for m in r["methods"] if m["status"] == "ok"]
         if ok:
             figs["methods"] = plots.latency_throughput_bars(ok, title="predicted: EdgeShard and the baselines")
-        if r.get("eval"):
-            figs["timeline"] = plots.pipeline_gantt(r["eval"]["timeline_no_bubbles"],
+        if r.get("eval") is not None:
+            figs["timeline"] = plots.pipeline_gantt(r["eval"].simulations["no-bubbles"].records,
                                                     title=f"pipeline timeline, {self.micro.value} micro-batches")
         return figs
 
@@ -178,8 +177,8 @@ class PlanExplorer:
     def save(self, run) -> None:
         """Write the current plan, the methods' figures and the figures into a results Run."""
         run.write_csv("methods", self.result["methods"])
-        if self.result.get("eval"):
-            run.write_csv("timeline", self.result["eval"]["timeline_no_bubbles"])
+        if self.result.get("eval") is not None:
+            run.write_csv("timeline", self.result["eval"].simulations["no-bubbles"].records)
             run.record(plan=self.result["plan"], problem=self.problem())
         for name, fig in self.figures().items():
             run.save_figure(name, fig)

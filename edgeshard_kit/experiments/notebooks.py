@@ -1,4 +1,4 @@
-"""`edgeshard run-notebooks`: execute the kit's notebooks with papermill into one results folder."""
+"""The notebooks run headless (behind `edgeshard run-notebooks`): papermill executes them into one results folder."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.experiments.results import new_run
 
 KERNEL = "edgeshard-kit"
 NOTEBOOKS = {
@@ -82,11 +83,14 @@ def declared_parameters(nb_path: Path) -> set[str]:
 
 
 def run_notebooks(out: str | Path | None = None, params: dict[str, dict] | None = None, only: Any = None,
-                  root: str | Path = "results", nb_dir: str | Path | None = None, progress: bool = False) -> Path:
-    """Execute the chosen notebooks; each writes `<out>/<stem>/` (its CSVs, figures, the executed notebook)."""
+                  root: str | Path = "results", nb_dir: str | Path | None = None, progress: bool = False,
+                  log: Callable[[str], None] | None = None) -> Path:
+    """Execute the chosen notebooks; each writes `<out>/<stem>/` (its CSVs, figures, the executed notebook).
+
+    `log` gets one line per notebook as it starts; `progress` shows papermill's per-cell bar.
+    """
     import papermill as pm
 
-    from edgeshard_kit.experiments.results import new_run
     params = params or {}
     nb_dir = Path(nb_dir) if nb_dir else notebooks_dir()
     ids = select(only)
@@ -106,7 +110,8 @@ def run_notebooks(out: str | Path | None = None, params: dict[str, dict] | None 
         dest = run.path / src.stem
         dest.mkdir(parents=True, exist_ok=True)
         given["out_dir"] = str(dest.resolve())
-        print(f"[run-notebooks] {src.name} -> {dest}", flush=True)
+        if log:
+            log(f"[run-notebooks] {src.name} -> {dest}")
         try:
             # cwd = notebooks/ so the notebooks' relative paths mean the same here as in JupyterLab.
             pm.execute_notebook(str(src), str(dest / src.name), parameters=given, kernel_name=kernel,
@@ -121,19 +126,3 @@ def run_notebooks(out: str | Path | None = None, params: dict[str, dict] | None 
         raise KitError(f"notebook failed ({failed}); executed copy in {run.path}")
     return run.path
 
-
-def _cmd_run(args) -> int:
-    path = run_notebooks(out=args.out, params=load_params(args.params), only=args.only, root=args.root,
-                         progress=args.progress)
-    print(f"executed notebooks and their results are in {path}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("run-notebooks", help="execute the notebooks with papermill into results/<run-id>/")
-    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..05 per notebook")
-    p.add_argument("--out", help="results folder to write (default results/<utc-time>-notebooks)")
-    p.add_argument("--only", help="comma-separated notebook ids, e.g. 02,05")
-    p.add_argument("--root", default="results", help="where new run folders go")
-    p.add_argument("--progress", action="store_true", help="show papermill's per-cell progress bar")
-    p.set_defaults(func=_cmd_run)

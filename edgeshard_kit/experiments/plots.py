@@ -1,9 +1,8 @@
-"""Plotly figures from plain records (list of dicts or DataFrame in, go.Figure out) and `save_figure`."""
+"""Plotly figures from plain records (list of dicts or DataFrame in, go.Figure out); results.save_figure writes them."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -11,7 +10,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 PALETTE = qualitative.Plotly + qualitative.D3
 
@@ -219,12 +218,3 @@ def notebook_renderer(renderer: str = "plotly_mimetype+notebook") -> None:
     import plotly.io as pio
     pio.renderers.default = renderer
 
-
-def save_figure(fig: go.Figure, path: str | Path, include_plotlyjs: Any = "directory") -> Path:
-    """Write standalone HTML; plotly.js goes once per folder (plotly.min.js beside it), so it works offline."""
-    path = Path(path)
-    if path.suffix != ".html":
-        path = path.with_suffix(".html")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.write_html(path, include_plotlyjs=include_plotlyjs, full_html=True)
-    return path

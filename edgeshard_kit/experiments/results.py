@@ -1,9 +1,7 @@
-"""Run folders: `results/<run-id>/` with manifest.json, tidy CSVs (one row per measurement) and figures."""
+"""Run folders: `results/<run-id>/` with manifest.json, tidy CSVs (one row per measurement) and HTML figures."""
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import datetime as _dt
 import json
 import os
@@ -11,11 +9,13 @@ import platform
 import re
 import subprocess
 import sys
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json, to_jsonable, write_rows
 
 # Libraries whose versions every manifest records (a result is only comparable with the same stack).
 LIBRARIES = ("edgeshard-kit", "torch", "transformers", "safetensors", "tokenizers", "numpy", "pandas",
@@ -23,33 +23,14 @@ LIBRARIES = ("edgeshard-kit", "torch", "transformers", "safetensors", "tokenizer
 MANIFEST = "manifest.json"
 
 
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON data from kit objects: `.to_dict()`, dataclasses, paths, frames, numpy scalars."""
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    if hasattr(obj, "to_dict") and not isinstance(obj, type):
-        try:
-            return to_jsonable(obj.to_dict(orient="records")) if _is_frame(obj) else to_jsonable(obj.to_dict())
-        except TypeError:
-            pass
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(dataclasses.asdict(obj))
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # numpy / torch scalar
-        try:
-            return obj.item()
-        except (TypeError, ValueError):
-            pass
-    return str(obj)
+@dataclass
+class Outcome:
+    """What an experiment hands a notebook or a command: its run folder, tidy tables, figures, a summary table."""
 
-
-def _is_frame(obj: Any) -> bool:
-    return type(obj).__name__ == "DataFrame"
+    path: Path
+    tables: dict = field(default_factory=dict)
+    figures: dict = field(default_factory=dict)
+    summary: Any = None
 
 
 def git_commit(where: Path | None = None) -> str:
@@ -96,6 +77,16 @@ def make_run_id(name: str, when: _dt.datetime | None = None) -> str:
     return f"{when:%Y%m%dT%H%M%S}Z-{slug}"
 
 
+def save_figure(fig: Any, path: str | Path, include_plotlyjs: Any = "directory") -> Path:
+    """Write a plotly figure as standalone HTML; plotly.js goes once per folder (plotly.min.js beside it): offline."""
+    path = Path(path)
+    if path.suffix != ".html":
+        path = path.with_suffix(".html")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.write_html(path, include_plotlyjs=include_plotlyjs, full_html=True)
+    return path
+
+
 class Run:
     """One run folder being written: CSVs, figures, JSON files; the manifest is kept up to date."""
 
@@ -115,10 +106,12 @@ class Run:
 
     def write_csv(self, name: str, records: Any) -> Path:
         """Write a tidy CSV `<name>.csv` from a list of dicts or a DataFrame; returns its path."""
-        import pandas as pd
-        frame = records if _is_frame(records) else pd.DataFrame([to_jsonable(r) for r in records])
         path = self.path / _with_suffix(name, ".csv")
-        frame.to_csv(path, index=False)
+        if type(records).__name__ == "DataFrame":
+            records.to_csv(path, index=False)
+        else:  # every key of every record is a column, in order of first appearance
+            rows = [to_jsonable(r) for r in records]
+            write_rows(rows, path, list(dict.fromkeys(k for r in rows for k in r)))
         self._add_file("csv", path)
         return path
 
@@ -131,7 +124,6 @@ class Run:
 
     def save_figure(self, name: str, fig: Any) -> Path:
         """Save a plotly figure as standalone HTML `<name>.html` next to the CSVs."""
-        from edgeshard_kit.experiments.plots import save_figure
         path = save_figure(fig, self.path / _with_suffix(name, ".html"))
         self._add_file("figures", path)
         return path
@@ -181,22 +173,11 @@ def new_run(name: str, params: dict | None = None, root: str | Path = "results",
                 "seeds": None, "testbed": None, "profiles": None, "plan": None, "files": {}}
     old = path / MANIFEST
     if old.exists():  # re-using a folder (papermill output dir): keep what earlier steps listed
-        manifest["files"] = json.loads(old.read_text()).get("files", {})
+        manifest["files"] = read_json(old, "run manifest ").get("files", {})
     manifest.update({k: to_jsonable(v) for k, v in fields.items()})
     run = Run(path, manifest)
     run._write_manifest()
     return run
-
-
-def write_rows(rows: list[dict], out: str | Path, fields: list[str] | None = None) -> Path:
-    """Write records as a tidy CSV at `out` (parent folders made); columns `fields`, else the first row's keys."""
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return path
 
 
 def load_run(path: str | Path) -> dict:
@@ -205,7 +186,7 @@ def load_run(path: str | Path) -> dict:
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise KitError(f"{path}: not a run folder (no {MANIFEST})")
-    out: dict[str, Any] = {"manifest": json.loads((path / MANIFEST).read_text())}
+    out: dict[str, Any] = {"manifest": read_json(path / MANIFEST, "run manifest ")}
     for table in sorted(path.glob("*.csv")):
         out[table.stem] = pd.read_csv(table)
     return out
@@ -219,7 +200,7 @@ def list_runs(root: str | Path = "results") -> list[dict]:
         try:
             m = json.loads(man.read_text())
         except (OSError, json.JSONDecodeError):
-            continue
+            continue  # a folder being written or broken: listing skips it, `show` names the problem
         files = m.get("files", {})
         rows.append({"run": str(man.parent.relative_to(root)), "name": m.get("name"), "status": m.get("status"),
                      "started_utc": m.get("started_utc"), "git_commit": (m.get("git_commit") or "")[:12],
@@ -228,52 +209,15 @@ def list_runs(root: str | Path = "results") -> list[dict]:
     return rows
 
 
-def _resolve(run: str, root: str) -> Path:
+def find_run(run: str | Path, root: str | Path = "results") -> Path:
+    """The run folder meant by `run`: a folder, a run id under `root`, or a unique prefix / suffix of one."""
     p = Path(run)
     if (p / MANIFEST).is_file():
         return p
     if (Path(root) / run / MANIFEST).is_file():
         return Path(root) / run
-    hits = [Path(r["path"]) for r in list_runs(root) if r["run"].startswith(run) or r["run"].endswith(run)]
+    hits = [Path(r["path"]) for r in list_runs(root) if r["run"].startswith(str(run)) or r["run"].endswith(str(run))]
     if len(hits) == 1:
         return hits[0]
-    raise KitError(f"run {run!r}: " + ("ambiguous, matches " + ", ".join(map(str, hits)) if hits
-                                       else f"no such run folder under {root}"))
-
-
-def _cmd_list(args) -> int:
-    import pandas as pd
-    rows = list_runs(args.root)
-    if not rows:
-        print(f"no runs under {args.root}/")
-        return 0
-    print(pd.DataFrame(rows).drop(columns="path").to_string(index=False))
-    return 0
-
-
-def _cmd_show(args) -> int:
-    data = load_run(_resolve(args.run, args.root))
-    m = data.pop("manifest")
-    print(f"run {m.get('run_id')}  name={m.get('name')}  status={m.get('status')}  commit={m.get('git_commit')}")
-    print(f"started {m.get('started_utc')}  finished {m.get('finished_utc')}")
-    print("parameters: " + json.dumps(m.get("parameters", {}))[:500])
-    if m.get("summary"):
-        print("summary: " + json.dumps(m["summary"])[:1000])
-    for stem, frame in data.items():
-        print(f"\n{stem}.csv: {len(frame)} rows, columns {list(frame.columns)}")
-        print(frame.head(args.rows).to_string(index=False))
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("results", help="list and show run folders (results/<run-id>/)")
-    rs = p.add_subparsers(dest="results_cmd", metavar="ACTION")
-    pl = rs.add_parser("list", help="list run folders")
-    pl.add_argument("--root", default="results")
-    pl.set_defaults(func=_cmd_list)
-    ps = rs.add_parser("show", help="show a run's manifest and CSV heads")
-    ps.add_argument("run", help="run folder, run id, or a unique prefix/suffix of it")
-    ps.add_argument("--root", default="results")
-    ps.add_argument("--rows", type=int, default=5, help="rows of each CSV to print")
-    ps.set_defaults(func=_cmd_show)
-    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+    raise KitError(f"run {str(run)!r}: " + ("ambiguous, matches " + ", ".join(map(str, hits)) if hits
+                                            else f"no such run folder under {root}"))

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 
-from edgeshard_kit.core.units import KitError, n_units, read_json
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json
+from edgeshard_kit.core.units import n_units
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama2's order plus a pad token
 INDEX_FILE = "model.safetensors.index.json"
@@ -193,46 +194,3 @@ def weight_files(dir: str | Path) -> dict[str, Path]:
             return {name: single for name in f.keys()}
     raise KitError(f"checkpoint {str(path)!r} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors are supported)")
 
-
-def _size(text: str) -> int:
-    """Parse a byte count like 100000, 50MB, 2GiB."""
-    t = text.strip().upper()
-    for suffix, mult in (("KIB", 1024), ("MIB", 1024**2), ("GIB", 1024**3), ("KB", 1000), ("MB", 1000**2),
-                         ("GB", 1000**3), ("B", 1)):
-        if t.endswith(suffix):
-            t, scale = t[: -len(suffix)], mult
-            break
-    else:
-        scale = 1
-    try:
-        return int(float(t) * scale)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a size in bytes (e.g. 20000000, 20MB, 1GiB)") from None
-
-
-def _cmd_tiny_model(args: argparse.Namespace) -> int:
-    out = write_tiny_checkpoint(
-        args.dir, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate, heads=args.heads,
-        kv_heads=args.kv_heads, vocab=args.vocab, seed=args.seed, shard_size=args.shard_size,
-    )
-    total = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    nfiles = len(list(out.glob("*.safetensors")))
-    print(f"wrote {out}: {args.layers} layers ({n_units(args.layers)} units), hidden {args.hidden}, "
-          f"vocab {args.vocab}, {total / 1e6:.1f} MB in {nfiles} safetensors file(s)")
-    return 0
-
-
-def add_commands(sub) -> None:
-    """Register `edgeshard tiny-model`."""
-    p = sub.add_parser("tiny-model", help="write a small seeded random Llama checkpoint (HF format) with a tokenizer")
-    p.add_argument("dir", help="output directory")
-    p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")
-    p.add_argument("--hidden", type=int, default=256, help="hidden size (default 256)")
-    p.add_argument("--intermediate", type=int, default=688, help="MLP size (default 688)")
-    p.add_argument("--heads", type=int, default=8, help="attention heads (default 8)")
-    p.add_argument("--kv-heads", type=int, default=4, help="key/value heads (default 4)")
-    p.add_argument("--vocab", type=int, default=512, help="vocabulary size (default 512)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random weights (default 0)")
-    p.add_argument("--shard-size", type=_size, default=None,
-                   help="split the weights into safetensors shards of at most this many bytes (e.g. 2MB)")
-    p.set_defaults(func=_cmd_tiny_model)

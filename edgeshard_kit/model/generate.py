@@ -1,9 +1,7 @@
-"""Split generation on one host: prompt encoding, greedy/top-p sampling, the stage loop, timings, `edgeshard generate`."""
+"""Split generation on one host: prompt encoding, greedy/top-p sampling, the stage loop, timings (CLI: cli/generate.py)."""
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -12,7 +10,8 @@ import torch
 
 from edgeshard_kit.model.checkpoint import load_llama_config, load_tokenizer
 from edgeshard_kit.model.stage import StageModel, parse_device, synchronize
-from edgeshard_kit.core.units import KitError, n_units, parse_split, validate_ranges
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import n_units, validate_ranges
 
 
 @dataclass(frozen=True)
@@ -181,60 +180,11 @@ def _has_tokenizer(checkpoint: str | Path) -> bool:
     return (Path(checkpoint) / "tokenizer.json").is_file() or (Path(checkpoint) / "tokenizer.model").is_file()
 
 
-def _parse_ids(text: str) -> list[int]:
-    try:
-        return [int(t) for t in text.replace(" ", "").split(",") if t]
-    except ValueError:
-        raise KitError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from None
-
-
-def _add_generate_parser(sub) -> argparse.ArgumentParser:
-    """The `generate` parser; the runtime adds its own options (--testbed, --plan, ...) to what this returns."""
-    p = sub.add_parser("generate", help="generate text with the model split into stages (on this host by default)")
-    p.add_argument("--model", required=True, help="Llama checkpoint directory")
-    p.add_argument("--split", default=None,
-                   help="half-open unit ranges covering [0, layers+2), e.g. 0:3,3:7,7:10 (default: one stage)")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
-    src.add_argument("--prompt-ids", action="append", help="prompt token ids, e.g. 1,2,3 (repeat for a batch)")
-    p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate (default 16)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default), else sampling temperature")
-    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-sequence token")
-    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
-    return p
-
-
-def _cmd_generate(args: argparse.Namespace) -> int:
-    config = load_llama_config(args.model)
-    total = n_units(config.num_hidden_layers)
-    ranges = parse_split(args.split, total) if args.split else [(0, total)]
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-              dtype=args.dtype, device=args.device, stop_at_eos=args.stop_at_eos)
-    if args.prompt is not None:
-        res = generate_split(args.model, ranges, prompts=args.prompt, **kw)
-    else:
-        res = generate_split(args.model, ranges, prompt_ids=[_parse_ids(t) for t in args.prompt_ids], **kw)
-    print_result(res, as_json=args.json)
-    return 0
-
-
-def print_result(res: GenerationResult, as_json: bool = False) -> None:
-    """Print a result as one JSON object, or as text plus a timing summary."""
-    if as_json:
-        print(json.dumps(res.to_dict()))
-        return
-    for i, (t, toks) in enumerate(zip(res.text, res.tokens)):
-        print(f"[{i}] {t!r}  tokens={toks}")
+def format_result(res: GenerationResult) -> str:
+    """A result as text: each sequence's text and tokens, then the split and a timing summary."""
+    lines = [f"[{i}] {t!r}  tokens={toks}" for i, (t, toks) in enumerate(zip(res.text, res.tokens))]
     split = ",".join(f"{a}:{b}" for a, b in res.split)
     steps = sorted(res.per_token_ms)
     med = f"{steps[len(steps) // 2]:.2f} ms" if steps else "n/a"
-    print(f"split {split}: prefill {res.prefill_ms:.2f} ms, per token median {med} over {len(steps)} decode steps")
-
-
-def add_commands(sub) -> None:
-    """Register `edgeshard generate`."""
-    _add_generate_parser(sub).set_defaults(func=_cmd_generate)
+    lines.append(f"split {split}: prefill {res.prefill_ms:.2f} ms, per token median {med} over {len(steps)} decode steps")
+    return "\n".join(lines)

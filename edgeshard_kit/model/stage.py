@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import n_units
 from edgeshard_kit.model.checkpoint import load_llama_config, unit_tensor_names, weight_files
-from edgeshard_kit.core.units import KitError, n_units
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from dataclasses import replace
 
-from edgeshard_kit.planning.problem import Plan, Problem, make_plan, solve
-from edgeshard_kit.planning.schedule import timeline, timeline_figures
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.plan import Plan, make_plan
+from edgeshard_kit.planning.problem import Problem
+from edgeshard_kit.planning.schedule import simulate
 
 BASELINES = ("Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt", "Memory-Proportional")
 
@@ -123,9 +126,9 @@ def pareto(problem: Problem, micro_batch_counts: tuple[int, ...] = (1, 2, 4, 8),
     points = []
     for p in latency_bottleneck_frontier(problem):
         for k in micro_batch_counts:
-            tf = timeline_figures(timeline(problem, p, k, tokens, schedule), problem.micro_batch_size)
-            points.append({"micro_batches": k, "latency_ms": tf["token_interval_ms"],
-                           "throughput_per_s": tf["throughput_per_s"], "plan_latency_ms": p.latency_ms,
+            sim = simulate(problem, p, k, tokens, schedule)
+            points.append({"micro_batches": k, "latency_ms": sim.token_interval_ms,
+                           "throughput_per_s": sim.throughput_per_s, "plan_latency_ms": p.latency_ms,
                            "bottleneck_ms": p.bottleneck_ms, "n_devices": len(p.devices),
                            "stages": [s.to_dict() for s in p.stages]})
     points.sort(key=lambda r: (r["latency_ms"], -r["throughput_per_s"]))

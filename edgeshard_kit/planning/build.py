@@ -1,12 +1,18 @@
-"""Build planning problems from profiles + testbed + workload (`build_problem`), and `edgeshard plan --dump-problem`."""
+"""The one problem builder: profiles + testbed inventory + `Workload` -> `Problem` (`build_problem`), and profile files."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from edgeshard_kit.planning.problem import DeviceSpec, LinkSpec, Problem, Unit
-from edgeshard_kit.core.units import KitError, unit_name
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import unit_name
+from edgeshard_kit.planning.problem import DeviceSpec, LinkSpec, Problem, TOKEN_ID_BYTES, Unit, problem_from_dict
+from edgeshard_kit.profiling.profile import Profile, load_profile
+from edgeshard_kit.testbed.inventory import Testbed
+
+RETURNS = ("tokens", "logits")
 
 
 @dataclass(frozen=True)
@@ -18,7 +24,6 @@ class Workload:
     batch: int = 1
     micro_batches: int = 1
     phase: str = "decode"  # "decode": unit time averaged over the generated tokens; "prefill": the prompt
-    return_bytes: int | None = None  # bytes the last stage sends back; None = what the head outputs (logits)
 
     def __post_init__(self):
         for f in ("prompt_len", "gen_tokens", "batch", "micro_batches"):
@@ -38,7 +43,23 @@ class Workload:
         return asdict(self)
 
 
-def _unit_ms(profile: Any, workload: Workload) -> list[float]:
+class FixedCosts(Protocol):
+    """The runtime's fixed costs as the planner reads them (runtime.calibrate's `RuntimeCosts` is one)."""
+
+    stage_ms: dict[str, float]  # device type -> ms every stage on such a device adds per step
+    step_ms: float  # ms per token outside the stages
+
+
+def _fixed_costs(runtime: FixedCosts | Mapping[str, Any] | None) -> tuple[dict[str, float], float]:
+    """(stage_ms by device type, step_ms) of a `FixedCosts` object or its dict form; none without."""
+    if not runtime:
+        return {}, 0.0
+    if isinstance(runtime, Mapping):
+        return dict(runtime.get("stage_ms") or {}), float(runtime.get("step_ms") or 0.0)
+    return dict(runtime.stage_ms or {}), float(runtime.step_ms or 0.0)
+
+
+def _unit_ms(profile: Profile, workload: Workload) -> list[float]:
     """Per-unit ms of one step: decode averaged over the KV lengths of the generated tokens, or prefill."""
     if workload.phase == "prefill":
         return [float(x) for x in profile.prefill_ms()]
@@ -47,16 +68,29 @@ def _unit_ms(profile: Any, workload: Workload) -> list[float]:
     return [sum(r[u] for r in rows) / len(rows) for u in range(len(rows[0]))]
 
 
-def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | None = None,
-                  runtime: dict | None = None) -> Problem:
+def _return_bytes(returns: str | float, head_out_bytes: float) -> float:
+    """Bytes the last stage sends back to the source per sequence: "tokens" (an int64 id, what the runtime sends),
+    "logits" (the head's output, what the paper's planning scripts price), or a byte count."""
+    if returns == "tokens":
+        return float(TOKEN_ID_BYTES)
+    if returns == "logits":
+        return float(head_out_bytes)
+    if isinstance(returns, (int, float)) and not isinstance(returns, bool) and returns >= 0:
+        return float(returns)
+    raise KitError(f"returns: {returns!r} is not one of {', '.join(RETURNS)} or a byte count per sequence")
+
+
+def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Workload | None = None,
+                  runtime: FixedCosts | Mapping[str, Any] | None = None, returns: str | float = "tokens") -> Problem:
     """The planning problem of `testbed` running the model of `profiles` (one per device type) on `workload`.
 
-    `runtime` ({"stage_ms": {device type: ms}, "step_ms": ms}, from overheads.calibrate_runtime) adds the
-    runtime's fixed costs per stage and per token; without it the model is the paper's.
+    `runtime` (`stage_ms` by device type and `step_ms`: runtime.calibrate's `RuntimeCosts`, or a dict of
+    the two) adds the runtime's fixed costs per stage and per token; without it the model is the paper's.
+    `returns` prices the hop back to the source, per sequence of a micro-batch: "tokens" = 8 bytes (the
+    runtime's int64 token ids), "logits" = the head's output bytes (the paper's scripts), or a byte count.
     """
     workload = workload or Workload()
-    runtime = runtime or {}
-    stage_ms = runtime.get("stage_ms", {}) or {}
+    stage_ms, step_ms = _fixed_costs(runtime)
     if not profiles:
         raise KitError("build_problem: no profiles given")
     ref = next(iter(profiles.values()))
@@ -66,7 +100,7 @@ def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | N
             raise KitError(f"profile {dtype!r} has {p.n_units} units, profile {ref.device_type!r} has {n}: "
                            f"profiles must be of the same model")
     mbs = workload.micro_batch_size
-    pb = max(int(getattr(ref, "batch", 1) or 1), 1)  # profile byte figures are for the profile's batch
+    pb = max(int(ref.batch or 1), 1)  # profile byte figures are for the profile's batch
     ctx = workload.prompt_len + workload.gen_tokens
     params = ref.param_bytes()
     kv = ref.kv_bytes_per_token()
@@ -79,7 +113,7 @@ def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | N
             raise KitError(f"testbed device {d.name!r} is of type {d.type!r}, but no profile is given for it "
                            f"(profiles: {', '.join(profiles)})")
         devices.append(DeviceSpec(d.name, float(d.memory_bytes), tuple(_unit_ms(profiles[d.type], workload)),
-                                  bool(d.source), bool(getattr(d, "cloud", False)), float(stage_ms.get(d.type, 0.0))))
+                                  bool(d.source), bool(d.cloud), float(stage_ms.get(d.type, 0.0))))
     names = [d.name for d in testbed.devices]
     dl = testbed.default
     default = LinkSpec(dl.mbps, dl.latency_ms)
@@ -90,39 +124,22 @@ def build_problem(profiles: dict[str, Any], testbed: Any, workload: Workload | N
                 ln = testbed.link(a, b)
                 if (ln.mbps, ln.latency_ms) != (default.mbps, default.latency_ms):
                     pairs.append((a, b, LinkSpec(ln.mbps, ln.latency_ms)))
-    ret = float(outb[-1]) / pb * mbs if workload.return_bytes is None else float(workload.return_bytes)
-    meta = {"model": getattr(ref, "model", ""), "workload": workload.to_dict(),
-            "testbed": getattr(testbed, "name", ""), "profiles": {k: getattr(p, "model", "") for k, p in profiles.items()}}
+    ret = _return_bytes(returns, float(outb[-1]) / pb) * mbs
+    meta = {"model": ref.model, "workload": workload.to_dict(), "returns": returns, "testbed": testbed.name,
+            "profiles": {k: p.model for k, p in profiles.items()}}
     if runtime:
-        meta["runtime_overheads"] = {"stage_ms": dict(stage_ms), "step_ms": float(runtime.get("step_ms", 0.0))}
-    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, float(runtime.get("step_ms", 0.0)))
-    from edgeshard_kit.planning.problem import problem_from_dict
-
+        meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms}
+    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, step_ms)
     problem_from_dict(problem.to_dict())  # the same checks as a problem file (one source, lengths)
     return problem
 
 
-def load_profiles(paths: list[str]) -> dict[str, Any]:
+def load_profiles(paths: list[str]) -> dict[str, Profile]:
     """Profiles keyed by device type, from JSON files."""
-    from edgeshard_kit.profiling.profile import load_profile
-
-    out: dict[str, Any] = {}
+    out: dict[str, Profile] = {}
     for p in paths:
         prof = load_profile(p)
         if prof.device_type in out:
             raise KitError(f"{p}: a second profile for device type {prof.device_type!r}")
         out[prof.device_type] = prof
     return out
-
-
-def problem_from_args(args) -> Problem:
-    """The problem of the CLI's --profiles / --testbed / workload flags."""
-    from edgeshard_kit.testbed.inventory import load_testbed
-
-    if not args.profiles or not args.testbed:
-        raise KitError("give --problem FILE.json, or --profiles P1.json,P2.json and --testbed FILE.yaml")
-    profiles = load_profiles([p for p in args.profiles.split(",") if p.strip()])
-    wl = Workload(prompt_len=args.prompt_len, gen_tokens=args.gen_tokens, batch=args.batch,
-                  micro_batches=args.micro_batches, phase=args.phase)
-    return build_problem(profiles, load_testbed(args.testbed), wl)
-

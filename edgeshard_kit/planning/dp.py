@@ -1,4 +1,4 @@
-"""Exact solvers: latency and throughput DP over device types with used-device counts (relay search: relay.py).
+"""The exact planner: `solve` (a Plan, or KitError naming the tightest constraint), the latency and throughput DPs.
 
 Default variant (each device runs at most one contiguous stage). Identical devices (same unit times,
 memory and links) are merged into a type with a count, so the DP state is (units done, type of the
@@ -6,7 +6,8 @@ last stage, how many devices of each type are used): O(N^2 * T^2 * prod(count_t 
 vectorised with numpy over the count vectors. With M distinct devices this is the paper's
 O(N^2 2^M M^2); the paper's 15-device testbed has 3 types and only 13*3*2 count vectors.
 
-The relay variant (a device may host several stages) is an exact A* search, in relay.py.
+The relay variant (a device may host several stages) is an exact A* search, in relay.py; this
+module gives it the default-variant optimum as its incumbent and the device types for symmetry.
 """
 
 from __future__ import annotations
@@ -15,12 +16,16 @@ import math
 
 import numpy as np
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning.plan import Plan, figures, make_plan
+from edgeshard_kit.planning.problem import EPS_MS, Problem
+from edgeshard_kit.planning.relay import relay_search
 
-_EPS = 1e-9
+OBJECTIVES = ("latency", "throughput")
 
 
-def device_types(problem) -> list[list[int]]:
+def device_types(problem: Problem) -> list[list[int]]:
     """Groups of interchangeable devices (swapping two of them changes nothing but names)."""
     m = len(problem.devices)
     names = problem.names
@@ -60,7 +65,7 @@ def device_types(problem) -> list[list[int]]:
 class _Tables:
     """Per-type arrays the DPs share: prefix times, memory windows, transfer times, count vectors."""
 
-    def __init__(self, problem, cap_ms: float):
+    def __init__(self, problem: Problem, cap_ms: float):
         self.groups = device_types(problem)
         T = self.T = len(self.groups)
         N = self.N = problem.n_units
@@ -77,7 +82,7 @@ class _Tables:
         for t in range(T):
             lo = np.searchsorted(self.Q, self.Q - self.mem[t] * (1 + 1e-12) - 1e-6, side="left")
             if math.isfinite(cap_ms):
-                lo = np.maximum(lo, np.searchsorted(self.P[t], self.P[t] - (cap_ms - self.O[t]) - _EPS, side="left"))
+                lo = np.maximum(lo, np.searchsorted(self.P[t], self.P[t] - (cap_ms - self.O[t]) - EPS_MS, side="left"))
             self.lo[t] = lo
         names = problem.names
         out = np.array([0.0] + [u.out_bytes for u in problem.units])  # out[s] = bytes into a stage at s
@@ -94,7 +99,7 @@ class _Tables:
                 self.Tr[:, l, t] = ln.transfer_ms(out)
             a = self.groups[l][1] if (l == 0 and len(self.groups[0]) > 1) else rep[l]
             self.ret[l] = problem.transfer_ms(names[a], src, problem.return_bytes)
-        self.Tr[self.Tr > cap_ms + _EPS] = np.inf
+        self.Tr[self.Tr > cap_ms + EPS_MS] = np.inf
         self.stride = np.cumprod(np.concatenate([[1], self.counts[:-1] + 1])).astype(int)
         self.S = int(np.prod(self.counts + 1))
         idx = np.arange(self.S)
@@ -103,10 +108,10 @@ class _Tables:
         # final transfer back to the source; zero when the only stage is the source's
         self.ret_cs = np.broadcast_to(self.ret[:, None], (T, self.S)).copy()
         self.ret_cs[0, self.stride[0]] = 0.0
-        self.ret_cs[self.ret_cs > cap_ms + _EPS] = np.inf
+        self.ret_cs[self.ret_cs > cap_ms + EPS_MS] = np.inf
 
 
-def _default_dp(problem, objective: str, cap_ms: float):
+def _default_dp(problem: Problem, objective: str, cap_ms: float = math.inf):
     """The default-variant DP; returns (best value, stages) or None."""
     tb = _Tables(problem, cap_ms)
     T, N, S, P = tb.T, tb.N, tb.S, tb.P
@@ -164,24 +169,58 @@ def _default_dp(problem, objective: str, cap_ms: float):
     return best, stages
 
 
-def solve_stages(problem, objective: str, relay: bool = False, cap_ms: float = math.inf,
+def _search(problem: Problem, objective: str, relay: bool, cap_ms: float, max_states: int):
+    """(best value, stages) of the default-variant DP or the relay search, or None when nothing fits."""
+    if objective not in OBJECTIVES:
+        raise KitError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
+    incumbent = _default_dp(problem, objective, cap_ms)
+    if not relay:
+        return incumbent
+    return relay_search(problem, objective, cap_ms, max_states, incumbent, device_types(problem))
+
+
+def solve_stages(problem: Problem, objective: str, relay: bool = False, cap_ms: float = math.inf,
                  max_states: int = 20_000) -> list[Stage] | None:
     """The optimal stage list for the objective (None when nothing fits)."""
-    if relay:
-        from edgeshard_kit.planning.relay import relay_search
-
-        out = relay_search(problem, objective, cap_ms, max_states)
-    else:
-        out = _default_dp(problem, objective, cap_ms)
+    out = _search(problem, objective, relay, cap_ms, max_states)
     return None if out is None else out[1]
 
 
-def solve_value(problem, objective: str, relay: bool = False, cap_ms: float = math.inf) -> float | None:
+def solve_value(problem: Problem, objective: str, relay: bool = False, cap_ms: float = math.inf,
+                max_states: int = 20_000) -> float | None:
     """The optimal objective value (ms), or None when nothing fits."""
-    if relay:
-        from edgeshard_kit.planning.relay import relay_search
-
-        out = relay_search(problem, objective, cap_ms, 20_000)
-    else:
-        out = _default_dp(problem, objective, cap_ms)
+    out = _search(problem, objective, relay, cap_ms, max_states)
     return None if out is None else out[0]
+
+
+def infeasible_reason(problem: Problem) -> str:
+    """The tightest memory constraint that no plan can meet."""
+    gb = 1e9
+    need = sum(u.mem_bytes for u in problem.units)
+    have = sum(d.memory_bytes for d in problem.devices)
+    src = problem.devices[problem.source]
+    if problem.units[0].mem_bytes > src.memory_bytes:
+        return (f"infeasible: the source {src.name} cannot hold unit 0 ({problem.units[0].mem_bytes / gb:.3f} GB "
+                f"> {src.memory_bytes / gb:.3f} GB)")
+    if have < need:
+        return f"infeasible: total memory of all devices {have / gb:.3f} GB < model {need / gb:.3f} GB"
+    biggest = max(d.memory_bytes for d in problem.devices)
+    for i, u in enumerate(problem.units):
+        if u.mem_bytes > biggest:
+            return f"infeasible: unit {i} ({u.name}) needs {u.mem_bytes / gb:.3f} GB, more than any device ({biggest / gb:.3f} GB)"
+    return ("infeasible: no split into contiguous stages fits the devices' memory "
+            "(each device runs at most one stage; try --relay)")
+
+
+def solve(problem: Problem, objective: str = "latency", relay: bool = False, cap_ms: float = math.inf) -> Plan:
+    """The exact optimum for `objective`; KitError 'infeasible: ...' when nothing fits."""
+    stages = solve_stages(problem, objective, relay=relay, cap_ms=cap_ms)
+    if stages is not None and objective == "throughput" and not relay:
+        # among the plans with the optimal bottleneck, the one with the lowest latency (exact: every
+        # resource under the bottleneck is the latency DP's cap)
+        b = figures(problem, stages)["bottleneck_ms"]
+        stages = solve_stages(problem, "latency", cap_ms=min(cap_ms, b * (1 + 1e-12) + 1e-12)) or stages
+    if stages is None:
+        raise KitError(infeasible_reason(problem) if math.isinf(cap_ms)
+                       else f"infeasible: no plan keeps every stage and transfer under {cap_ms:g} ms")
+    return make_plan(problem, stages, objective, relay)

@@ -1,13 +1,16 @@
-"""The plan file: `Plan` (stages + predicted figures), `save_plan`, `load_plan`; the runtime reads `plan.stages`."""
+"""The plan and the cost model: `figures` of a stage list on a problem, `Plan` (stages + predicted figures), its file."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgeshard_kit.core.units import KitError, Stage, read_json
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json, write_json
+from edgeshard_kit.core.units import Stage, validate_ranges
+from edgeshard_kit.planning.problem import Problem
 
 
 @dataclass(frozen=True)
@@ -59,10 +62,7 @@ class Plan:
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
     """Write a plan JSON file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(plan.to_dict(), indent=1))
-    return p
+    return write_json(plan.to_dict(), path)
 
 
 def load_plan(path: str | Path) -> Plan:
@@ -71,3 +71,55 @@ def load_plan(path: str | Path) -> Plan:
     if not p.is_file():
         raise KitError(f"plan file {p} does not exist")
     return Plan.from_dict(read_json(p), str(p))
+
+
+def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
+    """The cost model on a stage list: latency, bottleneck (per resource), per-stage figures, memory.
+
+    Latency (ms per token) = every stage's compute + every transfer, the last one back to the source,
+    + the per-token step cost. Bottleneck (ms) = the busiest resource: a device (its stages summed)
+    or a directed link (its transfers summed).
+    """
+    validate_ranges([(s.start, s.end) for s in stages], problem.n_units, "plan")
+    idx = {d.name: i for i, d in enumerate(problem.devices)}
+    for s in stages:
+        if s.device not in idx:
+            raise KitError(f"plan: unknown device {s.device!r} (devices: {', '.join(idx)})")
+    src = problem.devices[problem.source].name
+    comp, trans, mem, load, link_load = [], [], {}, {}, {}
+    for i, s in enumerate(stages):
+        dev = problem.devices[idx[s.device]]
+        c = sum(dev.unit_ms[s.start:s.end]) + dev.stage_ms
+        comp.append(c)
+        mem[s.device] = mem.get(s.device, 0.0) + sum(u.mem_bytes for u in problem.units[s.start:s.end])
+        load[s.device] = load.get(s.device, 0.0) + c  # a device is one resource, its stages summed
+        nxt, nbytes = (stages[i + 1].device, problem.units[s.end - 1].out_bytes) if i + 1 < len(stages) \
+            else (src, problem.return_bytes)
+        t = problem.transfer_ms(s.device, nxt, nbytes)
+        trans.append(t)
+        if s.device != nxt:
+            link_load[(s.device, nxt)] = link_load.get((s.device, nxt), 0.0) + t  # a directed link is one resource
+    over = [f"{n} needs {m / 1e9:.3f} GB > its {problem.devices[idx[n]].memory_bytes / 1e9:.3f} GB"
+            for n, m in mem.items() if m > problem.devices[idx[n]].memory_bytes * (1 + 1e-12)]
+    if stages[0].device != src:
+        over.insert(0, f"unit 0 must run on the source {src}, not {stages[0].device}")
+    bottleneck = max(list(load.values()) + list(link_load.values()))
+    return {"latency_ms": sum(comp) + sum(trans) + problem.step_ms, "bottleneck_ms": bottleneck,
+            "throughput_per_s": problem.micro_batch_size * 1000.0 / bottleneck if bottleneck > 0 else math.inf,
+            "stage_compute_ms": comp, "stage_transfer_ms": trans, "memory_bytes": mem,
+            "device_load_ms": load, "link_load_ms": {f"{a}->{b}": v for (a, b), v in link_load.items()},
+            "feasible": not over, "reason": "; ".join(over)}
+
+
+def make_plan(problem: Problem, stages: list[Stage] | tuple[Stage, ...], objective: str, relay: bool = False,
+              method: str = "edgeshard") -> Plan:
+    """A Plan with the figures the cost model predicts for `stages`."""
+    f = figures(problem, stages)
+    return Plan(objective, tuple(stages), f["latency_ms"], f["bottleneck_ms"], f["throughput_per_s"],
+                tuple(f["stage_compute_ms"]), tuple(f["stage_transfer_ms"]), f["memory_bytes"], relay, method,
+                f["feasible"], f["reason"], problem.micro_batch_size)
+
+
+def with_method(plan: Plan, method: str) -> Plan:
+    """The same plan under another method name."""
+    return replace(plan, method=method)

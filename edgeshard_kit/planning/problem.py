@@ -1,38 +1,22 @@
-"""The planning problem and the plan: `Problem` (units, devices, links), `Plan`, the cost model, `solve`, the `plan` command."""
+"""The planning problem: units, devices and directed links (`Problem`), its JSON file, and its paper's-model twin."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from edgeshard_kit.planning.plan import Plan, load_plan, save_plan  # noqa: F401 (the plan file lives there)
-from edgeshard_kit.core.units import KitError, Stage, read_json, validate_ranges
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json, write_json
+from edgeshard_kit.core.numbers import number
 
-OBJECTIVES = ("latency", "throughput")
-__all__ = ["OBJECTIVES", "Unit", "DeviceSpec", "LinkSpec", "Problem", "Plan", "problem_from_dict", "load_problem",
-           "save_problem", "save_plan", "load_plan", "figures", "make_plan", "infeasible_reason", "solve", "evaluate",
-           "with_method"]
+EPS_MS = 1e-9  # tolerance of the solvers' comparisons of times (ms) against caps and bounds
+__all__ = ["EPS_MS", "Unit", "DeviceSpec", "LinkSpec", "Problem", "problem_from_dict", "load_problem", "save_problem",
+           "without_fixed_costs"]
 
 
-def _num(value: Any, where: str, minimum: float = 0.0, allow_inf: bool = False) -> float:
-    """A finite number >= minimum (or inf / null when allowed), else KitError naming `where`."""
-    if allow_inf and value is None:
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise KitError(f"{where}: {value!r} is not a number")
-    try:
-        v = float(value)
-    except ValueError:
-        raise KitError(f"{where}: {value!r} is not a number") from None
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise KitError(f"{where}: {value!r} is not a finite number")
-    if v < minimum:
-        raise KitError(f"{where}: {v:g} is negative" if v < 0 else f"{where}: {v:g} must be >= {minimum:g}")
-    return v
-
+TOKEN_ID_BYTES = 8  # the runtime's last stage samples and sends back one int64 token id per sequence
 
 @dataclass(frozen=True)
 class Unit:
@@ -83,7 +67,7 @@ class Problem:
     devices: tuple[DeviceSpec, ...]
     default_link: LinkSpec = LinkSpec(math.inf, 0.0)
     pairs: tuple[tuple[str, str, LinkSpec], ...] = ()  # directed (src, dst, link); others use default
-    return_bytes: float = 4.0
+    return_bytes: float = 8.0  # bytes the last stage sends back to the source (one int64 token id per sequence)
     micro_batch_size: int = 1  # sequences per micro-batch: tokens/s = this * 1000 / bottleneck
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     step_ms: float = 0.0  # fixed per-token cost outside the stages (the coordinator's round trip); latency only
@@ -140,10 +124,10 @@ def _link_from(d: Any, where: str) -> LinkSpec:
         raise KitError(f"{where}: expected an object with mbps and latency_ms, got {d!r}")
     if "mbps" not in d:
         raise KitError(f"{where} lacks the field 'mbps'")
-    mbps = _num(d["mbps"], f"{where}.mbps", allow_inf=True)
+    mbps = number(d["mbps"], f"{where}.mbps", allow_inf=True, minimum=0)
     if mbps == 0:
         raise KitError(f"{where}.mbps: must be > 0")
-    return LinkSpec(mbps, _num(d.get("latency_ms", 0.0), f"{where}.latency_ms"))
+    return LinkSpec(mbps, number(d.get("latency_ms", 0.0), f"{where}.latency_ms", minimum=0))
 
 
 def problem_from_dict(d: Any, where: str = "problem") -> Problem:
@@ -158,8 +142,8 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
         w = f"units[{i}]"
         if not isinstance(u, dict):
             raise KitError(f"{w}: expected an object")
-        units.append(Unit(str(u.get("name", f"unit{i}")), _num(u.get("mem_bytes"), f"{w}.mem_bytes"),
-                          _num(u.get("out_bytes", 0), f"{w}.out_bytes")))
+        units.append(Unit(str(u.get("name", f"unit{i}")), number(u.get("mem_bytes"), f"{w}.mem_bytes", minimum=0),
+                          number(u.get("out_bytes", 0), f"{w}.out_bytes", minimum=0)))
     devices, seen = [], set()
     for i, dev in enumerate(d["devices"]):
         w = f"devices[{i}]"
@@ -174,10 +158,10 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
             raise KitError(f"{w}.unit_ms: expected a list of {len(units)} numbers")
         if len(ms) != len(units):
             raise KitError(f"{w}.unit_ms has {len(ms)} entries, units has {len(units)}")
-        devices.append(DeviceSpec(name, _num(dev.get("memory_bytes"), f"{w}.memory_bytes"),
-                                  tuple(_num(x, f"{w}.unit_ms[{j}]") for j, x in enumerate(ms)),
+        devices.append(DeviceSpec(name, number(dev.get("memory_bytes"), f"{w}.memory_bytes", minimum=0),
+                                  tuple(number(x, f"{w}.unit_ms[{j}]", minimum=0) for j, x in enumerate(ms)),
                                   bool(dev.get("source", False)), bool(dev.get("cloud", False)),
-                                  _num(dev.get("stage_ms", 0.0), f"{w}.stage_ms")))
+                                  number(dev.get("stage_ms", 0.0), f"{w}.stage_ms", minimum=0)))
     sources = [x.name for x in devices if x.source]
     if len(sources) != 1:
         raise KitError(f"{where}.devices: exactly one source device needed, found "
@@ -194,10 +178,11 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
                 got = p.get(end) if isinstance(p, dict) else p
                 raise KitError(f"{w}.{end}: unknown device {got!r} (devices: {', '.join(sorted(seen))})")
         pairs.append((str(p["src"]), str(p["dst"]), _link_from(p, w)))
-    mbs = _num(d.get("micro_batch_size", 1), f"{where}.micro_batch_size", minimum=1)
+    mbs = number(d.get("micro_batch_size", 1), f"{where}.micro_batch_size", minimum=1)
     return Problem(tuple(units), tuple(devices), default, tuple(pairs),
-                   _num(d.get("return_bytes", 4), f"{where}.return_bytes"), int(mbs), dict(d.get("meta", {}) or {}),
-                   _num(d.get("step_ms", 0.0), f"{where}.step_ms"))
+                   number(d.get("return_bytes", TOKEN_ID_BYTES * int(mbs)), f"{where}.return_bytes", minimum=0), int(mbs),
+                   dict(d.get("meta", {}) or {}),
+                   number(d.get("step_ms", 0.0), f"{where}.step_ms", minimum=0))
 
 
 def load_problem(path: str | Path) -> Problem:
@@ -210,116 +195,10 @@ def load_problem(path: str | Path) -> Problem:
 
 def save_problem(problem: Problem, path: str | Path) -> Path:
     """Write a problem JSON file."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    p.write_text(json.dumps(problem.to_dict(), indent=1))
-    return p
-
-
-def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
-    """The cost model on a stage list: latency, bottleneck (per resource), per-stage figures, memory."""
-    validate_ranges([(s.start, s.end) for s in stages], problem.n_units, "plan")
-    idx = {d.name: i for i, d in enumerate(problem.devices)}
-    for s in stages:
-        if s.device not in idx:
-            raise KitError(f"plan: unknown device {s.device!r} (devices: {', '.join(idx)})")
-    src = problem.devices[problem.source].name
-    comp, trans, mem, load, link_load = [], [], {}, {}, {}
-    for i, s in enumerate(stages):
-        dev = problem.devices[idx[s.device]]
-        c = sum(dev.unit_ms[s.start:s.end]) + dev.stage_ms
-        comp.append(c)
-        mem[s.device] = mem.get(s.device, 0.0) + sum(u.mem_bytes for u in problem.units[s.start:s.end])
-        load[s.device] = load.get(s.device, 0.0) + c  # a device is one resource, its stages summed
-        nxt, nbytes = (stages[i + 1].device, problem.units[s.end - 1].out_bytes) if i + 1 < len(stages) \
-            else (src, problem.return_bytes)
-        t = problem.transfer_ms(s.device, nxt, nbytes)
-        trans.append(t)
-        if s.device != nxt:
-            link_load[(s.device, nxt)] = link_load.get((s.device, nxt), 0.0) + t  # a directed link is one resource
-    over = [f"{n} needs {m / 1e9:.3f} GB > its {problem.devices[idx[n]].memory_bytes / 1e9:.3f} GB"
-            for n, m in mem.items() if m > problem.devices[idx[n]].memory_bytes * (1 + 1e-12)]
-    if stages[0].device != src:
-        over.insert(0, f"unit 0 must run on the source {src}, not {stages[0].device}")
-    bottleneck = max(list(load.values()) + list(link_load.values()))
-    return {"latency_ms": sum(comp) + sum(trans) + problem.step_ms, "bottleneck_ms": bottleneck,
-            "throughput_per_s": problem.micro_batch_size * 1000.0 / bottleneck if bottleneck > 0 else math.inf,
-            "stage_compute_ms": comp, "stage_transfer_ms": trans, "memory_bytes": mem,
-            "device_load_ms": load, "link_load_ms": {f"{a}->{b}": v for (a, b), v in link_load.items()},
-            "feasible": not over, "reason": "; ".join(over)}
+    return write_json(problem.to_dict(), path)
 
 
 def without_fixed_costs(problem: Problem) -> Problem:
     """The same problem under the paper's model: no per-stage and no per-token fixed costs."""
     meta = {k: v for k, v in problem.meta.items() if k != "runtime_overheads"}
     return replace(problem, step_ms=0.0, devices=tuple(replace(d, stage_ms=0.0) for d in problem.devices), meta=meta)
-
-
-def make_plan(problem: Problem, stages: list[Stage], objective: str, relay: bool = False,
-              method: str = "edgeshard") -> Plan:
-    """A Plan with the figures the cost model predicts for `stages`."""
-    f = figures(problem, stages)
-    return Plan(objective, tuple(stages), f["latency_ms"], f["bottleneck_ms"], f["throughput_per_s"],
-                tuple(f["stage_compute_ms"]), tuple(f["stage_transfer_ms"]), f["memory_bytes"], relay, method,
-                f["feasible"], f["reason"], problem.micro_batch_size)
-
-
-def infeasible_reason(problem: Problem) -> str:
-    """The tightest memory constraint that no plan can meet."""
-    gb = 1e9
-    need = sum(u.mem_bytes for u in problem.units)
-    have = sum(d.memory_bytes for d in problem.devices)
-    src = problem.devices[problem.source]
-    if problem.units[0].mem_bytes > src.memory_bytes:
-        return (f"infeasible: the source {src.name} cannot hold unit 0 ({problem.units[0].mem_bytes / gb:.3f} GB "
-                f"> {src.memory_bytes / gb:.3f} GB)")
-    if have < need:
-        return f"infeasible: total memory of all devices {have / gb:.3f} GB < model {need / gb:.3f} GB"
-    biggest = max(d.memory_bytes for d in problem.devices)
-    for i, u in enumerate(problem.units):
-        if u.mem_bytes > biggest:
-            return f"infeasible: unit {i} ({u.name}) needs {u.mem_bytes / gb:.3f} GB, more than any device ({biggest / gb:.3f} GB)"
-    return ("infeasible: no split into contiguous stages fits the devices' memory "
-            "(each device runs at most one stage; try --relay)")
-
-
-def solve(problem: Problem, objective: str = "latency", relay: bool = False, cap_ms: float = math.inf) -> Plan:
-    """The exact optimum for `objective`; KitError 'infeasible: ...' when nothing fits."""
-    from edgeshard_kit.planning import dp
-
-    if objective not in OBJECTIVES:
-        raise KitError(f"objective {objective!r}: choose one of {', '.join(OBJECTIVES)}")
-    stages = dp.solve_stages(problem, objective, relay=relay, cap_ms=cap_ms)
-    if stages is not None and objective == "throughput" and not relay:
-        # among the plans with the optimal bottleneck, the one with the lowest latency (exact: every
-        # resource under the bottleneck is the latency DP's cap)
-        b = figures(problem, stages)["bottleneck_ms"]
-        stages = dp.solve_stages(problem, "latency", cap_ms=min(cap_ms, b * (1 + 1e-12) + 1e-12)) or stages
-    if stages is None:
-        raise KitError(infeasible_reason(problem) if math.isinf(cap_ms)
-                       else f"infeasible: no plan keeps every stage and transfer under {cap_ms:g} ms")
-    return make_plan(problem, stages, objective, relay)
-
-
-def evaluate(problem: Problem, plan: Plan, micro_batches: int = 1, tokens: int = 8) -> dict:
-    """Predicted figures and bubbles / no-bubbles timelines of K micro-batches (see schedule.py)."""
-    from edgeshard_kit.planning.schedule import evaluate as _evaluate
-
-    return _evaluate(problem, plan, micro_batches, tokens)
-
-
-def with_method(plan: Plan, method: str) -> Plan:
-    """The same plan under another method name."""
-    return replace(plan, method=method)
-
-
-def add_commands(sub) -> None:
-    from edgeshard_kit.cli.plan import add_plan_command
-
-    add_plan_command(sub)
-
-
-def add_bench_commands(bench_sub) -> None:
-    from edgeshard_kit.cli.plan import add_solver_bench
-
-    add_solver_bench(bench_sub)

@@ -3,7 +3,8 @@
 The state carries every device's used memory (and, for throughput, every device's and directed
 link's load), so memory is exact, unlike the paper's greedy tracking. Lower bounds: the relay DP
 that checks memory per stage only, and a fractional memory-capacity bound; upper bound: the
-default-variant optimum. Worst case exponential; it gives up with a KitError after `max_states`.
+default-variant optimum, which the caller (dp.py) passes in. Worst case exponential; it gives up
+with a KitError after `max_states`.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ import math
 
 import numpy as np
 
-from edgeshard_kit.planning.dp import _EPS, _default_dp, device_types
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning.problem import EPS_MS, Problem
 
 
-def _relay_bound(problem, objective: str, cap_ms: float) -> np.ndarray:
+def _relay_bound(problem: Problem, objective: str, cap_ms: float) -> np.ndarray:
     """H[u, d]: a lower bound on finishing units [u, N) after a stage on d ended at u (memory per stage only)."""
     N, M = problem.n_units, len(problem.devices)
     names = problem.names
@@ -27,7 +29,7 @@ def _relay_bound(problem, objective: str, cap_ms: float) -> np.ndarray:
     src = problem.source
     for d in range(M):
         r = problem.transfer_ms(names[d], names[src], problem.return_bytes)
-        H[N, d] = r if r <= cap_ms + _EPS else np.inf
+        H[N, d] = r if r <= cap_ms + EPS_MS else np.inf
     lat = objective == "latency"
     for u in range(N - 1, 0, -1):
         nbytes = problem.units[u - 1].out_bytes
@@ -37,12 +39,12 @@ def _relay_bound(problem, objective: str, cap_ms: float) -> np.ndarray:
                 if d2 == d:
                     continue
                 tr = problem.transfer_ms(names[d], names[d2], nbytes)
-                if tr > cap_ms + _EPS:
+                if tr > cap_ms + EPS_MS:
                     continue
                 es = np.arange(u + 1, N + 1)
                 ok = (Q[es] - Q[u] <= problem.devices[d2].memory_bytes * (1 + 1e-12) + 1e-6)
                 comp = P[d2, es] - P[d2, u] + problem.devices[d2].stage_ms
-                ok &= comp <= cap_ms + _EPS
+                ok &= comp <= cap_ms + EPS_MS
                 if not ok.any():
                     continue
                 vals = (tr + comp + H[es, d2]) if lat else np.maximum(np.maximum(tr, comp), H[es, d2])
@@ -51,11 +53,13 @@ def _relay_bound(problem, objective: str, cap_ms: float) -> np.ndarray:
     return H
 
 
-def relay_search(problem, objective: str, cap_ms: float, max_states: int):
-    """Exact relay optimum by A* over partial plans with per-device memory (and loads) in the state.
+def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: int,
+                 incumbent: tuple[float, list[Stage]] | None, groups: list[list[int]]):
+    """Exact relay optimum (value, stages) by A* over partial plans with per-device memory (and loads) in the state.
 
-    Pruned by the default-variant optimum (a relay plan too) as an upper bound, and by symmetry: of
-    the not-yet-used devices of one type only the first is tried.
+    Pruned by `incumbent`, the default-variant optimum (a relay plan too; None if none fits), as an
+    upper bound, and by symmetry: of the not-yet-used devices of one type (`groups`, dp.device_types)
+    only the first is tried.
     """
     N, M = problem.n_units, len(problem.devices)
     names = problem.names
@@ -63,10 +67,8 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
     Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
     P = [np.concatenate([[0.0], np.cumsum(d.unit_ms)]) for d in problem.devices]
     memcap = [d.memory_bytes * (1 + 1e-12) + 1e-6 for d in problem.devices]
-    groups = device_types(problem)
     src = problem.source
     lat = objective == "latency"
-    incumbent = _default_dp(problem, objective, cap_ms)
     step = problem.step_ms if lat else 0.0  # a constant of every plan: kept out of g, added at the end
     ub = (incumbent[0] - step) * (1 - 1e-12) if incumbent else math.inf
     cap_bound = _capacity_bound(problem, objective)
@@ -78,7 +80,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
         nonlocal counter
         if u == N:
             r = problem.transfer_ms(names[last], names[src], problem.return_bytes)
-            if r > cap_ms + _EPS:
+            if r > cap_ms + EPS_MS:
                 return
             f = g + r if lat else (max(g, dict(links).get((last, src), 0.0) + r) if last != src else g)
         else:
@@ -92,7 +94,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
     stage_ms = [d.stage_ms for d in problem.devices]
     for e in range(1, N + 1):
         c = P[src][e] + stage_ms[src]
-        if Q[e] <= memcap[src] and c <= cap_ms + _EPS:
+        if Q[e] <= memcap[src] and c <= cap_ms + EPS_MS:
             mem = tuple(Q[e] if i == src else 0.0 for i in range(M))
             loads = tuple(c if i == src else 0.0 for i in range(M))
             push(e, src, mem, loads, (), c, ((src, 0, e),))
@@ -123,7 +125,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
         nbytes = problem.units[u - 1].out_bytes
         for d in cands:
             tr = problem.transfer_ms(names[last], names[d], nbytes)
-            if tr > cap_ms + _EPS:
+            if tr > cap_ms + EPS_MS:
                 continue
             ld = dict(links)
             ld[(last, d)] = ld.get((last, d), 0.0) + tr
@@ -133,7 +135,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
                 if m > memcap[d]:
                     break
                 c = P[d][e] - P[d][u] + stage_ms[d]
-                if c > cap_ms + _EPS:
+                if c > cap_ms + EPS_MS:
                     break
                 new_loads = loads[:d] + (loads[d] + c,) + loads[d + 1:]
                 g2 = g + tr + c if lat else max(g, ld[(last, d)], new_loads[d])
@@ -143,7 +145,7 @@ def relay_search(problem, objective: str, cap_ms: float, max_states: int):
     return incumbent
 
 
-def _capacity_bound(problem, objective: str):
+def _capacity_bound(problem: Problem, objective: str):
     """A lower bound from memory: the remaining bytes must fit the devices' free memory, each byte costing
     at least the device's least ms per byte over the remaining units (a fractional relaxation)."""
     N, M = problem.n_units, len(problem.devices)

@@ -1,4 +1,4 @@
-"""Analytic (roofline) profiles: Llama model specs, per-unit FLOPs and bytes, `analytic_profile`, `calibrate`; CLI `devices`."""
+"""Analytic (roofline) profiles: Llama model specs, per-unit FLOPs and bytes, `analytic_profile`, `calibrate`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 
 import numpy as np
 
-from edgeshard_kit.profiling.catalog import DeviceSpec, cmd_devices, get_device
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json
+from edgeshard_kit.core.units import unit_name
+from edgeshard_kit.profiling.catalog import Hardware, get_device
 from edgeshard_kit.profiling.profile import Profile, UnitProfile
-from edgeshard_kit.core.units import KitError, read_json, unit_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -148,7 +150,7 @@ def unit_costs(spec: ModelSpec, dtype: str, batch: int, tokens: int, ctx: int) -
     return [embed] + [(float(layer_flops), float(layer_bytes))] * spec.num_hidden_layers + [head]
 
 
-def _roofline(costs, dev: DeviceSpec, dtype: str, eff: Efficiency) -> list[float]:
+def _roofline(costs, dev: Hardware, dtype: str, eff: Efficiency) -> list[float]:
     peak, bw = dev.flops(dtype), dev.mem_bw_gbs * 1e9
     fixed = [eff.embed_overhead_ms] + [eff.unit_overhead_ms] * (len(costs) - 2) + [eff.head_overhead_ms]
     return [1e3 * max(f / (peak * eff.compute), by / (bw * eff.memory)) + o for (f, by), o in zip(costs, fixed)]
@@ -190,7 +192,7 @@ def analytic_profile(model, device, dtype: str = "float32", batch: int = 1, prom
                    overhead={"decode_step_ms": eff.step_overhead_ms, "prefill_ms": 0.0}, meta=meta)
 
 
-def _grid_fit(points, dev: DeviceSpec, dtype: str, compute: float | None) -> tuple[float, float, list[float], float]:
+def _grid_fit(points, dev: Hardware, dtype: str, compute: float | None) -> tuple[float, float, list[float], float]:
     """(compute, memory, [embed, layer, head] overhead ms, rms rel. error) over (flops, bytes, ms, group) points."""
     f = np.array([p[0] for p in points])
     by = np.array([p[1] for p in points])
@@ -214,7 +216,7 @@ def _grid_fit(points, dev: DeviceSpec, dtype: str, compute: float | None) -> tup
     return float(cgrid[best[0]]), float(grid[best[1]]), [float(x) for x in o[best]], float(err[best])
 
 
-def calibrate(measured: Profile, model=None, device: str | DeviceSpec = "this-machine",
+def calibrate(measured: Profile, model=None, device: str | Hardware = "this-machine",
               fit_compute: bool | None = None) -> Efficiency:
     """Efficiency factors that make the roofline reproduce `measured` (prefill and decode of every unit).
 
@@ -262,7 +264,7 @@ def compare(predicted: Profile, measured: Profile, kv_len: int | None = None) ->
             "unit_mean_abs_error_pct": 100 * float(np.mean(rel))}
 
 
-def calibration_transfer(small: Profile, large: Profile, device: str | DeviceSpec = "this-machine") -> dict:
+def calibration_transfer(small: Profile, large: Profile, device: str | Hardware = "this-machine") -> dict:
     """Calibrate on `small`, predict `large`: how well the calibrated roofline carries over to another size."""
     eff = calibrate(small, device=device)
     pred = analytic_profile(large.config, device, dtype=large.dtype, batch=large.batch,
@@ -274,35 +276,6 @@ def calibration_transfer(small: Profile, large: Profile, device: str | DeviceSpe
             "memory_eff": eff.memory, "unit_overhead_ms": eff.unit_overhead_ms, "fit_error_pct": 100 * eff.fit_error,
             "measured_ms": c["measured_ms"], "calibrated_ms": c["predicted_ms"], "calibrated_error_pct": c["error_pct"],
             "uncalibrated_ms": r["predicted_ms"], "uncalibrated_error_pct": r["error_pct"]}
-
-
-def _lazy(module: str, name: str):
-    def handler(args):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(args)
-    return handler
-
-
-def add_commands(sub) -> None:
-    d = sub.add_parser("devices", help="the device catalog used by analytic profiles (with sources)")
-    d.add_argument("--sources", action="store_true", help="print where every figure came from")
-    d.add_argument("--this-machine", action="store_true", help="also measure this host (about 2 s)")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_devices)
-
-
-def add_bench_commands(bench_sub) -> None:
-    b = bench_sub.add_parser("analytic-vs-paper", help="roofline vs the paper's measured Llama2-7B decode times")
-    b.add_argument("--out", default="results/analytic_vs_paper.csv")
-    b.set_defaults(func=_lazy("edgeshard_kit.profiling.reference", "cmd_analytic_vs_paper"))
-    c = bench_sub.add_parser("analytic-calibration", help="calibrate on one measured checkpoint, predict another")
-    c.add_argument("--small", required=True, help="checkpoint to measure and calibrate on")
-    c.add_argument("--large", required=True, help="checkpoint to measure and predict")
-    c.add_argument("--repeats", type=int, default=5)
-    c.add_argument("--threads", type=int, default=None)
-    c.add_argument("--out", default="results/analytic_calibration.csv")
-    c.set_defaults(func=_lazy("edgeshard_kit.bench.profile_check", "cmd_analytic_calibration"))
 
 
 def with_efficiency(profile: Profile, eff: Efficiency) -> Profile:

@@ -7,13 +7,13 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 GB = 10**9
 
 
 @dataclass(frozen=True)
-class DeviceSpec:
+class Hardware:
     """One device type: memory (bytes), bandwidth (GB/s), peak FLOP/s per dtype; `sources` says where each came from."""
 
     name: str
@@ -38,8 +38,8 @@ class DeviceSpec:
 _JETSON_BRIEF = "NVIDIA Jetson AGX Orin Series Technical Brief v1.2 / Jetson Orin NX Series data sheet"
 # Orin iGPU (GA10B, Ampere): FP32 = CUDA cores x 2 FLOP x max GPU clock; FP16/BF16 dense tensor rate =
 # SMs x 1024 FLOP/clk (the GA10x tensor-core rate per SM derived from the RTX 3090 figures below).
-CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
-    DeviceSpec(
+CATALOG: dict[str, Hardware] = {d.name: d for d in [
+    Hardware(
         "jetson-agx-orin-32gb", "gpu", 32 * GB, 204.8,
         {"float32": 3.33e12, "float16": 13.3e12, "bfloat16": 13.3e12},
         {"memory_bytes": f"{_JETSON_BRIEF}: 32 GB 256-bit LPDDR5 (shared CPU/GPU)",
@@ -48,7 +48,7 @@ CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
                                "(the EdgeShard paper reports 3.33)",
          "peak_flops.float16": "derived: 14 SMs x 1024 FLOP/clk (dense tensor) x 0.93 GHz",
          "peak_flops.bfloat16": "derived: as float16 (Ampere tensor cores run bf16 at the fp16 rate)"}),
-    DeviceSpec(
+    Hardware(
         "jetson-orin-nx-16gb", "gpu", 16 * GB, 102.4,
         {"float32": 1.88e12, "float16": 7.5e12, "bfloat16": 7.5e12},
         {"memory_bytes": f"{_JETSON_BRIEF}: 16 GB 128-bit LPDDR5 (shared CPU/GPU)",
@@ -57,7 +57,7 @@ CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
                                "(the EdgeShard paper reports 1.88)",
          "peak_flops.float16": "derived: 8 SMs x 1024 FLOP/clk (dense tensor) x 0.918 GHz",
          "peak_flops.bfloat16": "derived: as float16"}),
-    DeviceSpec(
+    Hardware(
         "rtx-3090-24gb", "gpu", 24 * GB, 936.2,
         {"float32": 35.6e12, "float16": 71e12, "bfloat16": 71e12},
         {"memory_bytes": "NVIDIA GeForce RTX 3090 specifications: 24 GB GDDR6X",
@@ -65,7 +65,7 @@ CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
          "peak_flops.float32": "GA102 whitepaper: 35.6 TFLOPS FP32 (10496 cores x 2 x 1.695 GHz)",
          "peak_flops.float16": "GA102 whitepaper: 71 TFLOPS dense FP16 tensor with FP32 accumulate",
          "peak_flops.bfloat16": "GA102 whitepaper: 71 TFLOPS dense BF16 tensor with FP32 accumulate"}),
-    DeviceSpec(
+    Hardware(
         "a100-80gb", "gpu", 80 * GB, 2039.0,
         {"float32": 19.5e12, "float16": 312e12, "bfloat16": 312e12},
         {"memory_bytes": "NVIDIA A100 Tensor Core GPU datasheet: 80 GB HBM2e",
@@ -73,7 +73,7 @@ CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
          "peak_flops.float32": "NVIDIA A100 datasheet: 19.5 TFLOPS FP32 (PyTorch keeps TF32 off for matmul by default)",
          "peak_flops.float16": "NVIDIA A100 datasheet: 312 TFLOPS dense FP16 tensor",
          "peak_flops.bfloat16": "NVIDIA A100 datasheet: 312 TFLOPS dense BF16 tensor"}),
-    DeviceSpec(
+    Hardware(
         "raspberry-pi-5-8gb", "cpu", 8 * GB, 17.1,
         {"float32": 153.6e9, "float16": 307.2e9, "bfloat16": 153.6e9},
         {"memory_bytes": "Raspberry Pi 5 product brief: 8 GB LPDDR4X-4267",
@@ -84,7 +84,7 @@ CATALOG: dict[str, DeviceSpec] = {d.name: d for d in [
 ]}
 
 
-def _measure_this_machine(device: str = "cpu") -> DeviceSpec:
+def _measure_this_machine(device: str = "cpu") -> Hardware:
     """Detect memory and measure bandwidth (large tensor copy) and matmul FLOP/s on this host (~1-2 s)."""
     import psutil
     import torch
@@ -124,7 +124,7 @@ def _measure_this_machine(device: str = "cpu") -> DeviceSpec:
     else:
         mem, what = psutil.virtual_memory().total, f"psutil.virtual_memory().total on {platform.node()}"
     threads = torch.get_num_threads()
-    return DeviceSpec(
+    return Hardware(
         "this-machine", "gpu" if cuda else "cpu", int(mem), round(bw, 1), peak,
         {"memory_bytes": what,
          "mem_bw_gbs": f"measured at run time: best of 5 copies of a {nbytes >> 20} MiB float32 tensor on {device}",
@@ -134,13 +134,13 @@ def _measure_this_machine(device: str = "cpu") -> DeviceSpec:
 
 
 @functools.lru_cache(maxsize=4)
-def _this_machine(device: str) -> DeviceSpec:
+def _this_machine(device: str) -> Hardware:
     return _measure_this_machine(device)
 
 
-def get_device(name: str | DeviceSpec, device: str = "cpu") -> DeviceSpec:
+def get_device(name: str | Hardware, device: str = "cpu") -> Hardware:
     """The catalog entry `name` ("this-machine" is measured once per process; `device` = torch device)."""
-    if isinstance(name, DeviceSpec):
+    if isinstance(name, Hardware):
         return name
     key = str(name).strip().lower()
     if key == "this-machine":
@@ -168,23 +168,3 @@ def devices_frame(include_this_machine: bool = False):
                      **{f"source_{k}": v for k, v in d.sources.items()}})
     return pd.DataFrame(rows)
 
-
-def cmd_devices(args) -> int:
-    """`edgeshard devices`: print the catalog (with --sources, where each figure came from)."""
-    import json
-
-    names = sorted(CATALOG) + (["this-machine"] if args.this_machine else [])
-    if args.json:
-        print(json.dumps([get_device(n).to_dict() for n in names], indent=1))
-        return 0
-    print(f"{'device type':24} {'kind':4} {'memory GB':>9} {'GB/s':>7} {'fp32 TFLOPS':>11} {'fp16 TFLOPS':>11}")
-    for n in names:
-        d = get_device(n)
-        print(f"{d.name:24} {d.kind:4} {d.memory_bytes / GB:9.1f} {d.mem_bw_gbs:7.1f} "
-              f"{d.peak_flops['float32'] / 1e12:11.2f} {d.peak_flops['float16'] / 1e12:11.2f}")
-        if args.sources:
-            for k, v in d.sources.items():
-                print(f"    {k}: {v}")
-    if not args.this_machine:
-        print("(this-machine: measured on demand; `edgeshard devices --this-machine`)")
-    return 0

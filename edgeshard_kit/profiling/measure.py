@@ -1,17 +1,21 @@
-"""The measured profiler: time every unit inside real prefill and decode steps of a StageModel; CLI handlers of `profile`."""
+"""The measured profiler: time every unit inside real prefill and decode steps of a StageModel."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import platform
 import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeshard_kit.profiling.profile import Profile, UnitProfile, load_profile, profiles_frame, save_profile
-from edgeshard_kit.core.units import KitError, unit_name
+from edgeshard_kit import __version__
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import unit_name
+from edgeshard_kit.model.checkpoint import load_llama_config
+from edgeshard_kit.model.generate import sample_next
+from edgeshard_kit.model.stage import StageModel, synchronize
+from edgeshard_kit.profiling.profile import Profile, UnitProfile
 
 
 def median_min_max(samples: list[float]) -> tuple[float, float, float]:
@@ -46,8 +50,6 @@ class UnitTimer:
     """Forward hooks on a whole-model StageModel that time each unit (sync + perf_counter around it)."""
 
     def __init__(self, stage, track_cuda_memory: bool = False):
-        from edgeshard_kit.model.stage import synchronize
-
         self.stage, self.sync, self.cuda_mem = stage, (lambda: synchronize(stage.device)), track_cuda_memory
         n = stage.config.num_hidden_layers
         # (unit, module where it starts, module where it ends): the head is norm .. lm_head.
@@ -105,8 +107,6 @@ def _host_meta(device: str) -> dict:
     import torch
     import transformers
 
-    from edgeshard_kit import __version__
-
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -139,17 +139,12 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
     import torch
     from tqdm import tqdm
 
-    from edgeshard_kit.model.generate import sample_next
-    from edgeshard_kit.model.stage import StageModel, synchronize
-
     batch, prompt_len = _positive_int("batch", batch), _positive_int("prompt_len", prompt_len)
     repeats, warmup = _positive_int("repeats", repeats), _positive_int("warmup", warmup, allow_zero=True)
     kv_lens = parse_kv_lens(kv_lens)
     if threads is not None:
         torch.set_num_threads(_positive_int("threads", threads))
     if stage is None:
-        from edgeshard_kit.model.checkpoint import load_llama_config
-
         n = load_llama_config(checkpoint).num_hidden_layers
         stage = StageModel(checkpoint, 0, n + 2, dtype=dtype, device=device)
     cfg, n, dev = stage.config, stage.config.num_hidden_layers, stage.device
@@ -246,50 +241,3 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
                    dtype=str(stage.dtype).removeprefix("torch."), batch=batch, prompt_len=prompt_len,
                    kv_lens=kv_lens, ref_kv_len=ref, units=tuple(out_units), config=config, overhead=overhead, meta=meta)
 
-
-def _emit(profile: Profile, out: str, as_json: bool) -> None:
-    if out == "-":
-        sys.stdout.write(profile.to_json() + "\n")  # for SSH: stdout carries the JSON and nothing else
-        return
-    jp = save_profile(profile, out)
-    if as_json:
-        print(json.dumps({"profile": str(jp), "csv": str(jp.with_suffix(".csv")),
-                          "device_type": profile.device_type, "n_units": profile.n_units,
-                          "decode_ms_per_token": profile.predict_decode_ms(),
-                          "prefill_ms": profile.predict_prefill_ms()}))
-    else:
-        print(profile.summary())
-        print(f"wrote {jp} and {jp.with_suffix('.csv')}")
-
-
-def cmd_profile(args) -> int:
-    """`edgeshard profile`: measure (--model) or estimate (--analytic) and write the profile."""
-    kv_lens = parse_kv_lens(args.kv_lens)
-    if args.analytic:
-        from edgeshard_kit.profiling.analytic import analytic_profile
-
-        if not args.device_type:
-            raise KitError("--analytic needs --device-type NAME (see `edgeshard devices`)")
-        prof = analytic_profile(args.analytic, args.device_type, dtype=args.dtype, batch=args.batch,
-                                prompt_len=args.prompt_len, kv_lens=kv_lens)
-    elif args.model:
-        prof = measure_profile(args.model, device=args.device, dtype=args.dtype, batch=args.batch,
-                               prompt_len=args.prompt_len, kv_lens=kv_lens, repeats=args.repeats,
-                               warmup=args.warmup, device_type=args.device_type, progress=not args.quiet,
-                               threads=args.threads)
-    else:
-        raise KitError("give --model DIR (measure) or --analytic MODEL (roofline estimate)")
-    _emit(prof, args.out, args.json)
-    return 0
-
-
-def cmd_profile_show(args) -> int:
-    """`edgeshard profile-show`: print profiles as a tidy table."""
-    import pandas as pd
-
-    profs = [load_profile(p) for p in args.paths]
-    for p in profs:
-        print(p.summary())
-    with pd.option_context("display.width", 200, "display.max_rows", 400):
-        print(profiles_frame(profs).to_string(index=False))
-    return 0

@@ -1,4 +1,4 @@
-"""Profiles as data: per-unit prefill/decode times and bytes of one (model, device type, dtype, batch); JSON + CSV twin; CLI `profile`."""
+"""Profiles as data: per-unit prefill/decode times and bytes of one (model, device type, dtype, batch); JSON + CSV twin."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Iterable
 
-from edgeshard_kit.core.units import KitError, read_json
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json
 
 FORMAT = "edgeshard-profile/1"
 
@@ -322,59 +323,3 @@ def scale_times(profile: Profile, factor: float, device_type: str | None = None)
     meta = {**profile.meta, "scaled_by": factor, "scaled_from": profile.device_type}
     return replace(profile, units=units, overhead=overhead, meta=meta, device_type=device_type or profile.device_type)
 
-
-def _lazy(name: str, module: str = "edgeshard_kit.profiling.measure"):
-    """A CLI handler that imports the measuring code only when the command runs."""
-    def handler(args):
-        import importlib
-
-        return getattr(importlib.import_module(module), name)(args)
-    return handler
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("profile", help="measure (or estimate) per-unit costs of a model on this device type")
-    p.add_argument("--model", help="checkpoint directory to measure")
-    p.add_argument("--analytic", metavar="MODEL",
-                   help="roofline estimate instead: llama2-7b|llama2-13b|llama2-70b or a checkpoint/config.json")
-    p.add_argument("--device", default="cpu", help="torch device to measure on: cpu, cuda:0 (default cpu)")
-    p.add_argument("--device-type", default=None,
-                   help="device type name recorded in the profile (default: cpu-<host> / gpu name); catalog name with --analytic")
-    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--prompt-len", type=int, default=32, help="prompt tokens timed for prefill (default 32)")
-    p.add_argument("--kv-lens", default="32,64,128", help="cached tokens at which decode is timed (default 32,64,128)")
-    p.add_argument("--repeats", type=int, default=20, help="timed repeats per figure (median, min, max kept)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--out", required=True, help="PATH.json (a PATH.csv twin is written too); '-' = JSON on stdout only")
-    p.add_argument("--json", action="store_true", help="print a JSON summary line instead of text")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_lazy("cmd_profile"))
-    s = sub.add_parser("profile-show", help="print profiles as a table")
-    s.add_argument("paths", nargs="+", help="profile JSON files")
-    s.set_defaults(func=_lazy("cmd_profile_show"))
-
-
-def add_bench_commands(bench_sub) -> None:
-    b = bench_sub.add_parser("profile-check", help="profile's predicted decode ms/token vs measured generate_split")
-    b.add_argument("--model", required=True, help="checkpoint directory (decode step >= 20 ms for a fair check)")
-    b.add_argument("--device", default="cpu")
-    b.add_argument("--dtype", default="float32")
-    b.add_argument("--repeats", type=int, default=5, help="timed repeats per profile figure and round")
-    b.add_argument("--rounds", type=int, default=7, help="alternating profile / generate rounds (median ratio)")
-    b.add_argument("--new-tokens", type=int, default=12, help="tokens generated per measured run")
-    b.add_argument("--prompt-len", type=int, default=32)
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--out", default="results/profile_check.csv")
-    b.set_defaults(func=_lazy("cmd_profile_check", "edgeshard_kit.bench.profile_check"))
-
-
-def __getattr__(name: str):
-    # `from edgeshard_kit.profiling.profile import measure_profile` works too (the profiler lives in measure.py,
-    # imported lazily: it needs torch and the stage code, the data model does not).
-    if name == "measure_profile":
-        from edgeshard_kit.profiling.measure import measure_profile
-
-        return measure_profile
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

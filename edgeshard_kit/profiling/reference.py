@@ -1,14 +1,15 @@
-"""The EdgeShard paper's measured Llama2-7B profiles and testbed (from data/), and the analytic-vs-paper comparison."""
+"""The EdgeShard paper's measured Llama2-7B profiles and testbed, as shipped in data/ (a copy of the published figures)."""
 
 from __future__ import annotations
 
 import functools
 import json
 from importlib import resources
-from pathlib import Path
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import unit_name
+from edgeshard_kit.profiling.analytic import BUILTIN_SPECS
 from edgeshard_kit.profiling.profile import Profile, UnitProfile
-from edgeshard_kit.core.units import KitError, unit_name
 
 DATA_FILE = "edgeshard_paper_llama2_7b.json"
 GIB = 2**30
@@ -27,8 +28,6 @@ def paper_data() -> dict:
 def paper_profiles() -> dict[str, Profile]:
     """The paper's three device types as Profiles of Llama2-7B (fp32), keyed by device type."""
     d = paper_data()
-    from edgeshard_kit.profiling.analytic import BUILTIN_SPECS
-
     mem_gb = d["unit_memory_gb"]  # the scripts' GiB figures (0.754 = 202M params x 4 bytes / 2^30)
     n_layers = int(d["model"]["n_decoder_layers"])
     act, logits = int(d["activation_bytes_between_units"]), int(d["logits_bytes"])
@@ -72,50 +71,3 @@ def paper_testbed() -> dict:
             "transfer_fixed_ms": 2.1, "reported": d["paper_reported"],
             "source": d["sources"]["testbed_and_results"]}
 
-
-def analytic_vs_paper() -> list[dict]:
-    """Per paper device: measured decode ms/token vs roofline, uncalibrated and calibrated on the same data."""
-    from edgeshard_kit.profiling.analytic import analytic_profile, calibrate, compare
-
-    rows = []
-    for dev, measured in paper_profiles().items():
-        raw = analytic_profile("llama2-7b", dev, dtype="float32", batch=1, prompt_len=32, kv_lens=(64,))
-        eff = calibrate(measured, "llama2-7b", dev)
-        cal = analytic_profile("llama2-7b", dev, dtype="float32", batch=1, prompt_len=32, kv_lens=(64,),
-                               efficiency=eff)
-        # The paper's figures carry no KV length: compare at the analytic profile's reference (64 tokens).
-        r, c = compare(raw, measured), compare(cal, measured)
-        rows.append({"device_type": dev, "measured_ms": round(r["measured_ms"], 2),
-                     "analytic_uncalibrated_ms": round(r["predicted_ms"], 2),
-                     "uncalibrated_error_pct": round(r["error_pct"], 1),
-                     "analytic_calibrated_ms": round(c["predicted_ms"], 2),
-                     "calibrated_error_pct": round(c["error_pct"], 1),
-                     "calibrated_unit_error_pct": round(c["unit_mean_abs_error_pct"], 1),
-                     "memory_eff": round(eff.memory, 3), "compute_eff": round(eff.compute, 3),
-                     "unit_overhead_ms": round(eff.unit_overhead_ms, 3)})
-    return rows
-
-
-def markdown_table(rows: list[dict]) -> str:
-    """The comparison as a Markdown table (for docs/profiling.md)."""
-    head = ["device type", "measured ms/token", "analytic uncalibrated", "error %", "analytic calibrated",
-            "error %", "memory eff.", "unit overhead ms"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        lines.append(f"| {r['device_type']} | {r['measured_ms']:.2f} | {r['analytic_uncalibrated_ms']:.2f} | "
-                     f"{r['uncalibrated_error_pct']:+.1f} | {r['analytic_calibrated_ms']:.2f} | "
-                     f"{r['calibrated_error_pct']:+.1f} | {r['memory_eff']:.2f} | {r['unit_overhead_ms']:.3f} |")
-    return "\n".join(lines)
-
-
-def cmd_analytic_vs_paper(args) -> int:
-    """`edgeshard bench analytic-vs-paper`: print the table and write the CSV."""
-    import pandas as pd
-
-    rows = analytic_vs_paper()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(out, index=False)
-    print(markdown_table(rows))
-    print(f"wrote {out}")
-    return 0

@@ -1,238 +1,283 @@
-"""The coordinator's side of the wire: connect and configure stages, run the token schedules, detect faults."""
+"""The coordinator's side of the wire: a chain of connected stage workers, configs pushed, token schedules run, faults named.
+
+A `Chain` owns the control connections to one plan's workers (stage order) and the queue their frames
+arrive on; it knows nothing of testbeds or plans: the deployment gives it the stages, the worker
+handles and each stage's `StageConfig`.
+"""
 
 from __future__ import annotations
 
+import itertools
 import queue
+import threading
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.planning.schedule import release
 from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.launchers import WorkerHandle
+from edgeshard_kit.runtime.protocol import Kind, ProtocolError, Role, StageConfig
 
-if TYPE_CHECKING:
-    from edgeshard_kit.runtime.deployment import Deployment
-
-
-def _fault(dep: "Deployment", i: int, what: str) -> Exception:
-    from edgeshard_kit.runtime.deployment import PipelineError
-
-    h = dep.handles[i]
-    code = getattr(getattr(h, "proc", None), "returncode", None)
-    extra = f" (exit code {code})" if code is not None else ""
-    tail = ""
-    try:
-        lines = [ln for ln in h.log_tail(5).splitlines() if ln.strip()]
-        tail = f"; last log line: {lines[-1][:200]}" if lines else ""
-    except Exception:
-        pass
-    return PipelineError(f"{dep._where(i)} {what}{extra}{tail}")
+HEARTBEAT_S = 0.5  # how often the coordinator pings every worker while it waits for tokens
+FAULT_TIMEOUT_S = 5.0  # a worker silent this long (no pong, no frame) is declared stopped
 
 
-def _exited(h: Any) -> bool:
+class PipelineError(KitError):
+    """A stage failed: its message names the stage, device and host."""
+
+
+@dataclass(frozen=True)
+class StageInfo:
+    """A deployed stage: where it runs and what loading it cost (seconds, bytes)."""
+
+    index: int
+    device: str
+    start: int
+    end: int
+    host: str
+    port: int
+    load_s: float = 0.0
+    rss_bytes: int = 0
+    param_bytes: int = 0
+    pid: int = 0
+    hostname: str = ""
+
+    def where(self) -> str:
+        return f"stage {self.index} (units {self.start}:{self.end}) on device {self.device}, host {self.host}:{self.port}"
+
+
+def _exited(h: WorkerHandle) -> bool:
     """True if a local worker process has exited (remote handles are judged by their connection instead)."""
     return getattr(h, "proc", None) is not None and not h.alive()
 
 
-def send_to(dep: "Deployment", i: int, kind: str, tensor: torch.Tensor | None = None, **meta: Any) -> None:
-    """Send a frame to stage i's worker; a failure is a PipelineError naming the stage."""
-    try:
-        dep.conns[i].send(kind, tensor, **meta)
-    except OSError as e:
-        raise _fault(dep, i, f"cannot be reached ({e})") from None
+class Chain:
+    """Control connections to the workers of one plan's stages; every frame they send lands on `events`."""
 
+    def __init__(self, stages: list[Stage], handles: list[WorkerHandle], token: bytes,
+                 fault_timeout: float = FAULT_TIMEOUT_S):
+        self.stages, self.handles = list(stages), list(handles)
+        self.fault_timeout = fault_timeout
+        self._token = token
+        self.conns: list[wire.Connection] = []
+        self.info: list[StageInfo] = []
+        self.events: queue.Queue = queue.Queue()  # ("frame", i, Frame, t) or ("closed", i, why, t)
+        self._req = itertools.count()
+        self.closed = False
 
-def _dead_stage(dep: "Deployment", grace_s: float = 0.3) -> int | None:
-    """A stage whose process exited or whose connection closed (waits `grace_s` for the news to arrive)."""
-    deadline = time.perf_counter() + grace_s
-    while True:
-        for i, h in enumerate(dep.handles):
-            if _exited(h):
-                return i
+    # ---- faults ---------------------------------------------------------------------------------------------
+    def where(self, i: int) -> str:
+        if i < len(self.info):
+            return self.info[i].where()
+        s, h = self.stages[i], self.handles[i]
+        return f"stage {i} (units {s.start}:{s.end}) on device {s.device}, host {h.host}:{h.port}"
+
+    def fault(self, i: int, what: str) -> PipelineError:
+        """A PipelineError naming stage i, with its exit code and last log line when known."""
+        h = self.handles[i]
+        code = getattr(getattr(h, "proc", None), "returncode", None)
+        extra = f" (exit code {code})" if code is not None else ""
+        tail = ""
         try:
-            kind, i, _, _ = dep.events.get(timeout=0.05)
-            if kind == "closed":
-                return i
-        except queue.Empty:
+            lines = [ln for ln in h.log_tail(5).splitlines() if ln.strip()]
+            tail = f"; last log line: {lines[-1][:200]}" if lines else ""
+        except Exception:  # the log is a courtesy: the fault is reported without it
             pass
-        if time.perf_counter() > deadline:
-            return None
+        return PipelineError(f"{self.where(i)} {what}{extra}{tail}")
+
+    def dead_stage(self, grace_s: float = 0.3) -> int | None:
+        """A stage whose process exited or whose connection closed (waits `grace_s` for the news to arrive)."""
+        deadline = time.perf_counter() + grace_s
+        while True:
+            for i, h in enumerate(self.handles):
+                if _exited(h):
+                    return i
+            try:
+                kind, i, _, _ = self.events.get(timeout=0.05)
+                if kind == "closed":
+                    return i
+            except queue.Empty:
+                pass
+            if time.perf_counter() > deadline:
+                return None
+
+    def send_to(self, i: int, kind: Kind, tensor: torch.Tensor | None = None, **meta: Any) -> None:
+        """Send a frame to stage i's worker; a failure is a PipelineError naming the stage."""
+        try:
+            self.conns[i].send(kind, tensor, **meta)
+        except OSError as e:
+            raise self.fault(i, f"cannot be reached ({e})") from None
+
+    def _reader(self, i: int, conn: wire.Connection) -> None:
+        try:
+            while True:
+                self.events.put(("frame", i, conn.recv(), time.perf_counter()))
+        except (ProtocolError, OSError) as e:
+            self.events.put(("closed", i, str(e), time.perf_counter()))
+
+    # ---- setup and teardown ---------------------------------------------------------------------------------
+    def connect(self, configs: list[StageConfig], first_shaper: wire.LinkShaper | None, load_timeout: float) -> None:
+        """Open the control connections, push each stage's config, wait until every stage has loaded."""
+        for i, h in enumerate(self.handles):
+            try:
+                conn = wire.connect(h.host, h.port, self._token, timeout=30.0, shaper=first_shaper if i == 0 else None)
+            except (OSError, ProtocolError) as e:
+                raise PipelineError(f"{self.where(i)}: cannot connect: {e}") from None
+            conn.send(Kind.ROLE, role=Role.CONTROL)
+            self.conns.append(conn)
+            threading.Thread(target=self._reader, args=(i, conn), daemon=True).start()
+        for conn, cfg in zip(self.conns, configs):
+            conn.send(Kind.CONFIG, **cfg.to_dict())
+        loaded: dict[int, dict] = {}
+        deadline = time.perf_counter() + load_timeout
+        while len(loaded) < len(self.stages):
+            if time.perf_counter() > deadline:
+                i = min(set(range(len(self.stages))) - set(loaded))
+                raise self.fault(i, f"did not load its units within {load_timeout:.0f} s")
+            try:
+                kind, i, f, _ = self.events.get(timeout=0.5)
+            except queue.Empty:
+                for i, h in enumerate(self.handles):
+                    if _exited(h):
+                        raise self.fault(i, "died while loading")
+                continue
+            if kind == "closed":
+                raise self.fault(i, f"died while loading (connection closed: {f})")
+            if f.kind == Kind.ERROR:
+                raise PipelineError(f"{self.where(i)}: {f.get('message')}")
+            if f.kind == Kind.LOADED:
+                loaded[i] = f.meta
+        for i, (s, h) in enumerate(zip(self.stages, self.handles)):
+            m = loaded[i]
+            self.info.append(StageInfo(index=i, device=s.device, start=s.start, end=s.end, host=h.host, port=h.port,
+                                       load_s=float(m.get("load_s", 0.0)), rss_bytes=int(m.get("rss_bytes", 0)),
+                                       param_bytes=int(m.get("param_bytes", 0)), pid=int(m.get("pid", 0)),
+                                       hostname=str(m.get("hostname", ""))))
+
+    def close(self) -> None:
+        """Ask every worker to shut down, close the connections, stop the processes; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        for c in self.conns:
+            try:
+                c.send(Kind.SHUTDOWN)
+            except OSError:
+                pass
+            c.close()
+        for h in self.handles:
+            try:
+                h.stop(3.0)
+            except Exception:  # stopping the others matters more than one failure here
+                pass
+
+    # ---- requests -------------------------------------------------------------------------------------------
+    def request_all(self, kind: Kind, reply: Kind, **meta: Any) -> list[dict]:
+        """Send `kind` to every worker and collect each one's `reply` frame meta, in stage order."""
+        for i in range(len(self.conns)):
+            self.send_to(i, kind, **meta)
+        got: dict[int, dict] = {}
+        w = Waiter(self)
+        while len(got) < len(self.conns):
+            i, f, _ = w.next()
+            if f.kind == reply:
+                got[i] = f.meta
+        return [got[i] for i in range(len(self.conns))]
+
+    def stats(self, clear: bool = True) -> list[dict]:
+        """Every worker's timing records, byte counters and RSS."""
+        return self.request_all(Kind.STATS, Kind.STATS, clear=clear)
+
+    def run_schedule(self, ids: torch.Tensor, mask: torch.Tensor, steps: int, k: int, schedule: str,
+                     sample: dict) -> dict:
+        """Drive `k` micro-batches for `steps` tokens each, released by planning.schedule.release (bubbles or not)."""
+        req = next(self._req)
+        rows = [p.tolist() for p in torch.tensor_split(torch.arange(ids.shape[0]), k)]
+        tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
+        sent_at: dict[tuple[int, int], float] = {}
+        last_tok: dict[int, torch.Tensor] = {}
+        back: dict[int, int] = {}  # step -> micro-batches that have its token back
+        per_token: list[dict] = []
+
+        def send(mb: int, step: int, x: torch.Tensor, m: torch.Tensor | None) -> None:
+            meta: dict[str, Any] = {"req": req, "mb": mb, "step": step}
+            if step == 0:
+                meta.update(mask=None if bool(m.all()) else m.tolist(), sample=sample)
+            sent_at[(mb, step)] = time.perf_counter()
+            self.send_to(0, Kind.TOKENS, x, **meta)
+
+        w = Waiter(self)
+        t_start = time.perf_counter()
+        for j in range(k):
+            send(j, 0, ids[rows[j]], mask[rows[j]])
+        remaining = k * steps
+        while remaining:
+            i, f, t = w.next()
+            if f.kind != Kind.TOKEN or f.get("req") != req:
+                continue
+            mb, step = int(f["mb"]), int(f["step"])
+            tok = f.tensor.reshape(-1)
+            for r, v in zip(rows[mb], tok.tolist()):
+                tokens[r].append(v)
+            per_token.append({"req": req, "mb": mb, "step": step, "rows": len(rows[mb]),
+                              "sent_ms": (sent_at[(mb, step)] - t_start) * 1e3, "t_ms": (t - t_start) * 1e3,
+                              "latency_ms": (t - sent_at[(mb, step)]) * 1e3})
+            remaining -= 1
+            last_tok[mb] = tok[:, None]
+            back[step] = back.get(step, 0) + 1
+            if step + 1 < steps:
+                for j in release(schedule, mb, back[step], k):
+                    send(j, step + 1, last_tok[j], None)
+        wall_s = time.perf_counter() - t_start
+        for i in range(len(self.conns)):
+            self.send_to(i, Kind.RELEASE, req=req)
+        stats = self.stats(clear=True)
+        per_stage = [dict(r) for s in stats for r in s["records"] if r.get("req") == req]
+        per_stage.sort(key=lambda r: (r["stage"], r["mb"], r["step"]))
+        return {"tokens": tokens, "per_token": per_token, "per_stage": per_stage, "wall_s": wall_s,
+                "counters": [s["counters"] for s in stats]}
 
 
 class Waiter:
     """Waits for worker frames while pinging every worker; raises PipelineError naming a dead or silent stage."""
 
-    def __init__(self, dep: "Deployment", heartbeat_s: float | None = None):
-        from edgeshard_kit.runtime.deployment import HEARTBEAT_S
-
-        self.dep = dep
-        self.heartbeat = heartbeat_s or HEARTBEAT_S
-        now = time.perf_counter()
-        self.last_seen = [now] * len(dep.conns)
+    def __init__(self, chain: Chain, heartbeat_s: float = HEARTBEAT_S):
+        self.chain = chain
+        self.heartbeat = heartbeat_s
+        self.last_seen = [time.perf_counter()] * len(chain.conns)
         self.last_ping = 0.0
 
     def next(self) -> tuple[int, wire.Frame, float]:
         """The next frame (not a pong) from any worker: (stage index, frame, arrival perf_counter)."""
-        dep = self.dep
+        ch = self.chain
         while True:
             now = time.perf_counter()
             if now - self.last_ping >= self.heartbeat:
                 self.last_ping = now
-                for i in range(len(dep.conns)):
-                    if _exited(dep.handles[i]):
-                        raise _fault(dep, i, "died")
-                    send_to(dep, i, "ping", t=now)
+                for i in range(len(ch.conns)):
+                    if _exited(ch.handles[i]):
+                        raise ch.fault(i, "died")
+                    ch.send_to(i, Kind.PING, t=now)
                 for i, seen in enumerate(self.last_seen):
-                    if now - seen > dep.fault_timeout:
-                        raise _fault(dep, i, f"stopped answering for {now - seen:.1f} s")
+                    if now - seen > ch.fault_timeout:
+                        raise ch.fault(i, f"stopped answering for {now - seen:.1f} s")
             try:
-                kind, i, f, t = dep.events.get(timeout=max(0.01, self.last_ping + self.heartbeat - now))
+                kind, i, f, t = ch.events.get(timeout=max(0.01, self.last_ping + self.heartbeat - now))
             except queue.Empty:
                 continue
             self.last_seen[i] = t
             if kind == "closed":
-                raise _fault(dep, i, f"died (connection closed: {f})")
-            if f.kind == "pong":
+                raise ch.fault(i, f"died (connection closed: {f})")
+            if f.kind == Kind.PONG:
                 continue
-            if f.kind == "error":
-                dead = _dead_stage(dep)
+            if f.kind == Kind.ERROR:
+                dead = ch.dead_stage()
                 if dead is not None and dead != i:
-                    raise _fault(dep, dead, "died")
-                raise _fault(dep, i, f"failed: {f.get('message')}")
+                    raise ch.fault(dead, "died")
+                raise ch.fault(i, f"failed: {f.get('message')}")
             return i, f, t
-
-
-def connect_stages(dep: "Deployment", device_map: dict, threads: Any, load_timeout: float) -> None:
-    """Open the control connections, push each stage's config, wait until every stage has loaded."""
-    import threading
-
-    from edgeshard_kit.runtime.deployment import PipelineError, StageInfo
-
-    tb, stages, handles = dep.testbed, dep.stages, dep.handles
-    src = tb.source.name
-    emu = getattr(tb, "emulation", "app")
-    for i, (s, h) in enumerate(zip(stages, handles)):
-        shaper = wire.shaper_for(tb.link(src, s.device), emu) if i == 0 else None
-        try:
-            conn = wire.connect(h.host, h.port, dep._token, timeout=30.0, shaper=shaper)
-        except (OSError, wire.ProtocolError) as e:
-            raise PipelineError(f"{dep._where(i)}: cannot connect: {e}") from None
-        conn.send("role", role="control")
-        dep.conns.append(conn)
-        threading.Thread(target=dep._reader, args=(i, conn), daemon=True).start()
-    for i, (s, h, conn) in enumerate(zip(stages, handles, dep.conns)):
-        dev = tb.device(s.device)
-        last = i + 1 == len(stages)
-        n_threads = threads.get(s.device) if isinstance(threads, dict) else threads
-        if n_threads is None:
-            # the device's rule (testbed.Device.threads), which its profile was measured with: local
-            # workers share this machine's cores (oversubscribed torch threads spin and slow all down)
-            n_threads = dev.threads()
-        path = dev.model_path or str(Path(dep.checkpoint).resolve())
-        conn.send("config", stage=i, device_name=s.device, model_path=path, start=s.start, end=s.end,
-                  dtype=dep.dtype, device=device_map.get(s.device, "cpu"), threads=n_threads,
-                  next=None if last else {"host": handles[i + 1].host, "port": handles[i + 1].port},
-                  shape_next=None if last else _link(tb, s.device, stages[i + 1].device, emu),
-                  shape_return=_link(tb, s.device, src, emu) if last else None)
-    loaded: dict[int, dict] = {}
-    deadline = time.perf_counter() + load_timeout
-    while len(loaded) < len(stages):
-        if time.perf_counter() > deadline:
-            i = min(set(range(len(stages))) - set(loaded))
-            raise _fault(dep, i, f"did not load its units within {load_timeout:.0f} s")
-        try:
-            kind, i, f, _ = dep.events.get(timeout=0.5)
-        except queue.Empty:
-            for i, h in enumerate(handles):
-                if _exited(h):
-                    raise _fault(dep, i, "died while loading")
-            continue
-        if kind == "closed":
-            raise _fault(dep, i, f"died while loading (connection closed: {f})")
-        if f.kind == "error":
-            raise PipelineError(f"{dep._where(i)}: {f.get('message')}")
-        if f.kind == "loaded":
-            loaded[i] = f.meta
-    for i, (s, h) in enumerate(zip(stages, handles)):
-        m = loaded[i]
-        dep.info.append(StageInfo(index=i, device=s.device, start=s.start, end=s.end, host=h.host, port=h.port,
-                                  load_s=float(m.get("load_s", 0.0)), rss_bytes=int(m.get("rss_bytes", 0)),
-                                  param_bytes=int(m.get("param_bytes", 0)), pid=int(m.get("pid", 0)),
-                                  hostname=str(m.get("hostname", ""))))
-
-
-def _link(tb: Any, a: str, b: str, emu: str) -> dict | None:
-    """The link a -> b as a dict for the worker's shaper (None when it needs no app-level shaping)."""
-    if emu != "app" or a == b:
-        return None
-    ln = tb.link(a, b)
-    mbps = ln.mbps if ln.mbps != float("inf") else None
-    if mbps is None and not ln.latency_ms:
-        return None
-    return {"mbps": mbps, "latency_ms": ln.latency_ms}
-
-
-def request_all(dep: "Deployment", kind: str, reply: str, **meta: Any) -> list[dict]:
-    """Send `kind` to every worker and collect each one's `reply` frame meta, in stage order."""
-    for i in range(len(dep.conns)):
-        send_to(dep, i, kind, **meta)
-    got: dict[int, dict] = {}
-    w = Waiter(dep)
-    while len(got) < len(dep.conns):
-        i, f, _ = w.next()
-        if f.kind == reply:
-            got[i] = f.meta
-    return [got[i] for i in range(len(dep.conns))]
-
-
-def run_schedule(dep: "Deployment", ids: torch.Tensor, mask: torch.Tensor, steps: int, k: int, schedule: str,
-                 sample: dict) -> dict:
-    """Drive `k` micro-batches for `steps` tokens each; "bubbles" waits for all per step, "no-bubbles" does not."""
-    req = next(dep._req)
-    rows = [p.tolist() for p in torch.tensor_split(torch.arange(ids.shape[0]), k)]
-    tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
-    sent_at: dict[tuple[int, int], float] = {}
-    last_tok: dict[int, torch.Tensor] = {}
-    per_token: list[dict] = []
-
-    def send(mb: int, step: int, x: torch.Tensor, m: torch.Tensor | None) -> None:
-        meta: dict[str, Any] = {"req": req, "mb": mb, "step": step}
-        if step == 0:
-            meta.update(mask=None if bool(m.all()) else m.tolist(), sample=sample)
-        sent_at[(mb, step)] = time.perf_counter()
-        send_to(dep, 0, "tokens", x, **meta)
-
-    w = Waiter(dep)
-    t_start = time.perf_counter()
-    for j in range(k):
-        send(j, 0, ids[rows[j]], mask[rows[j]])
-    remaining = k * steps
-    while remaining:
-        i, f, t = w.next()
-        if f.kind != "token" or f.get("req") != req:
-            continue
-        mb, step = int(f["mb"]), int(f["step"])
-        tok = f.tensor.reshape(-1)
-        for r, v in zip(rows[mb], tok.tolist()):
-            tokens[r].append(v)
-        per_token.append({"req": req, "mb": mb, "step": step, "rows": len(rows[mb]),
-                          "sent_ms": (sent_at[(mb, step)] - t_start) * 1e3, "t_ms": (t - t_start) * 1e3,
-                          "latency_ms": (t - sent_at[(mb, step)]) * 1e3})
-        remaining -= 1
-        last_tok[mb] = tok[:, None]
-        if step + 1 >= steps:
-            continue
-        if schedule == "no-bubbles" or k == 1:
-            send(mb, step + 1, last_tok[mb], None)
-        elif sum(1 for r in per_token if r["step"] == step) == k:  # bubbles: the whole step is back
-            for j in range(k):
-                send(j, step + 1, last_tok[j], None)
-    wall_s = time.perf_counter() - t_start
-    for i in range(len(dep.conns)):
-        send_to(dep, i, "release", req=req)
-    stats = request_all(dep, "stats", "stats", clear=True)
-    per_stage = [dict(r) for s in stats for r in s["records"] if r.get("req") == req]
-    per_stage.sort(key=lambda r: (r["stage"], r["mb"], r["step"]))
-    return {"tokens": tokens, "per_token": per_token, "per_stage": per_stage, "wall_s": wall_s,
-            "counters": [s["counters"] for s in stats]}

@@ -3,53 +3,37 @@
 from __future__ import annotations
 
 import atexit
-import itertools
-import queue
 import signal
 import statistics
 import threading
-import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.model.checkpoint import load_tokenizer
+from edgeshard_kit.model.generate import encode_prompts
+from edgeshard_kit.planning.plan import Plan
+from edgeshard_kit.planning.problem import Problem
+from edgeshard_kit.planning.schedule import SCHEDULES, evaluate
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.launchers import WorkerHandle, launcher_for, new_token
-from edgeshard_kit.core.units import KitError, Stage
+from edgeshard_kit.runtime.chain import FAULT_TIMEOUT_S, Chain, PipelineError, StageInfo
+from edgeshard_kit.runtime.launch import LaunchOptions, default_launch_options, link_shape, start_workers
+from edgeshard_kit.runtime.launchers import WorkerHandle
+from edgeshard_kit.runtime.protocol import PeerAddress, StageConfig, new_token
+from edgeshard_kit.testbed.inventory import Testbed
 
-HEARTBEAT_S = 0.5  # how often the coordinator pings every worker while it waits for tokens
-FAULT_TIMEOUT_S = 5.0  # a worker silent this long (no pong, no frame) is declared stopped
 LOAD_TIMEOUT_S = 600.0  # loading a stage's weights (a 7B shard from a slow disk)
+MODES = ("sequential", "pipelined")
 _LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
 _HOOKED = False
 
-
-class PipelineError(KitError):
-    """A stage failed: its message names the stage, device and host."""
-
-
-@dataclass(frozen=True)
-class StageInfo:
-    """A deployed stage: where it runs and what loading it cost (seconds, bytes)."""
-
-    index: int
-    device: str
-    start: int
-    end: int
-    host: str
-    port: int
-    load_s: float = 0.0
-    rss_bytes: int = 0
-    param_bytes: int = 0
-    pid: int = 0
-    hostname: str = ""
-
-    def where(self) -> str:
-        return f"stage {self.index} (units {self.start}:{self.end}) on device {self.device}, host {self.host}:{self.port}"
+__all__ = ["Deployment", "PipelineError", "RunResult", "StageInfo", "deploy", "stage_configs", "FAULT_TIMEOUT_S",
+           "LOAD_TIMEOUT_S"]
 
 
 @dataclass
@@ -96,20 +80,25 @@ def _install_hooks() -> None:
 class Deployment:
     """Running workers of one plan, connected in a chain; use as a context manager or call close()."""
 
-    def __init__(self, plan: Any, testbed: Any, checkpoint: str, dtype: str, handles: list[WorkerHandle],
-                 token: bytes, problem: Any = None, fault_timeout: float = FAULT_TIMEOUT_S):
+    def __init__(self, plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str, chain: Chain,
+                 problem: Problem | None = None):
         self.plan, self.testbed, self.checkpoint, self.dtype = plan, testbed, str(checkpoint), dtype
         self.stages: list[Stage] = list(plan.stages)
-        self.handles = handles
+        self.chain = chain
         self.problem = problem
-        self.fault_timeout = fault_timeout
-        self._token = token
-        self.conns: list[wire.Connection] = []
-        self.info: list[StageInfo] = []
-        self.events: queue.Queue = queue.Queue()
-        self.closed = False
-        self._req = itertools.count()
         self._tokenizer = None
+
+    @property
+    def handles(self) -> list[WorkerHandle]:
+        return self.chain.handles
+
+    @property
+    def info(self) -> list[StageInfo]:
+        return self.chain.info
+
+    @property
+    def closed(self) -> bool:
+        return self.chain.closed
 
     # ---- lifecycle ------------------------------------------------------------------------------------------
     def __enter__(self) -> "Deployment":
@@ -120,40 +109,12 @@ class Deployment:
 
     def close(self) -> None:
         """Shut every worker down and stop its process; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
-        for c in self.conns:
-            try:
-                c.send("shutdown")
-            except OSError:
-                pass
-            c.close()
-        for h in self.handles:
-            try:
-                h.stop(3.0)
-            except Exception:  # stopping the others matters more than one failure here
-                pass
+        self.chain.close()
         _LIVE.discard(self)
-
-    def _where(self, i: int) -> str:
-        if i < len(self.info):
-            return self.info[i].where()
-        s, h = self.stages[i], self.handles[i]
-        return f"stage {i} (units {s.start}:{s.end}) on device {s.device}, host {h.host}:{h.port}"
-
-    def _reader(self, i: int, conn: wire.Connection) -> None:
-        try:
-            while True:
-                self.events.put(("frame", i, conn.recv(), time.perf_counter()))
-        except (wire.ProtocolError, OSError) as e:
-            self.events.put(("closed", i, str(e), time.perf_counter()))
 
     # ---- generation -----------------------------------------------------------------------------------------
     def tokenizer(self):
         if self._tokenizer is None:
-            from edgeshard_kit.model.checkpoint import load_tokenizer
-
             self._tokenizer = load_tokenizer(self.checkpoint)
         return self._tokenizer
 
@@ -161,13 +122,11 @@ class Deployment:
                  schedule: str = "no-bubbles", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  attention_mask: torch.Tensor | None = None) -> RunResult:
         """Generate `max_new_tokens` for prompts (str, list of str, or ids (B,T)) through the chain of workers."""
-        from edgeshard_kit.runtime.chain import run_schedule
-
         if self.closed:
             raise KitError("this deployment is closed (deploy again)")
-        if mode not in ("sequential", "pipelined"):
+        if mode not in MODES:
             raise KitError(f"mode {mode!r}: choose sequential or pipelined")
-        if schedule not in ("bubbles", "no-bubbles"):
+        if schedule not in SCHEDULES:
             raise KitError(f"schedule {schedule!r}: choose bubbles or no-bubbles")
         if max_new_tokens < 1:
             raise KitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -176,8 +135,8 @@ class Deployment:
         if not 1 <= k <= ids.shape[0]:
             raise KitError(f"micro_batches={micro_batches} must be between 1 and the number of prompts ({ids.shape[0]})")
         try:
-            out = run_schedule(self, ids, mask, max_new_tokens, k, schedule,
-                               {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)})
+            out = self.chain.run_schedule(ids, mask, max_new_tokens, k, schedule,
+                                          {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)})
         except BaseException:  # a failed or interrupted run leaves frames in flight: the deployment is done
             self.close()
             raise
@@ -188,14 +147,13 @@ class Deployment:
             text = [tok.decode(t, skip_special_tokens=True) for t in tokens]
         summary = _summarise(out["per_token"], ids.shape[0], max_new_tokens, out["wall_s"], mode, k, schedule)
         return RunResult(tokens=tokens, text=text, per_token=out["per_token"], per_stage=out["per_stage"],
-                         summary=summary, prediction=self.prediction(k, max_new_tokens), stages=[asdict(s) for s in self.info])
+                         summary=summary, prediction=self.prediction(k, max_new_tokens),
+                         stages=[asdict(s) for s in self.info])
 
     def _encode(self, prompts: Any, mask: torch.Tensor | None):
         if isinstance(prompts, str):
             prompts = [prompts]
         if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
-            from edgeshard_kit.model.generate import encode_prompts
-
             ids, m = encode_prompts(self.tokenizer(), list(prompts))
             return ids, m, list(prompts)
         ids = torch.as_tensor(prompts, dtype=torch.int64)
@@ -207,20 +165,16 @@ class Deployment:
         return ids, m, None
 
     def prediction(self, micro_batches: int = 1, tokens: int = 8) -> dict:
-        """The planner's figures for this plan (plan.evaluate on the problem if known, else the plan's own)."""
-        from edgeshard_kit.planning import problem as planmod
-
+        """The planner's figures for this plan (planning's evaluate on the problem if known, else the plan's own)."""
         if self.problem is not None:
-            ev = planmod.evaluate(self.problem, self.plan, micro_batches=micro_batches, tokens=tokens)
-            return {k: v for k, v in ev.items() if not k.startswith("timeline_")}  # records, not figures
+            ev = evaluate(self.problem, self.plan, micro_batches=micro_batches, tokens=tokens)
+            return ev.to_dict(timelines=False)  # figures, not the simulated task records
         keys = ("latency_ms", "bottleneck_ms", "throughput_per_s", "stage_compute_ms", "stage_transfer_ms")
         return {k: getattr(self.plan, k) for k in keys if hasattr(self.plan, k)}
 
     def stats(self, clear: bool = True) -> list[dict]:
         """Fetch every worker's timing records and byte counters."""
-        from edgeshard_kit.runtime.chain import request_all
-
-        return request_all(self, "stats", "stats", clear=clear)
+        return self.chain.stats(clear)
 
 
 def _summarise(per_token: list[dict], rows: int, steps: int, wall_s: float, mode: str, k: int, schedule: str) -> dict:
@@ -235,26 +189,41 @@ def _summarise(per_token: list[dict], rows: int, steps: int, wall_s: float, mode
             if steps > 1 and first and wall_s > max(first) / 1e3 else None}
 
 
-def default_launch_opts(testbed: Any) -> dict:
-    """How to reach the testbed's devices when the caller says nothing: an emulated (netns) testbed's SSH options."""
-    if getattr(testbed, "emulation", "app") == "netns":
-        from edgeshard_kit.testbed import netns
-        return netns.launch_opts(testbed)  # KitError when the testbed is not up
-    return {}
+def stage_configs(stages: list[Stage], testbed: Testbed, handles: list[WorkerHandle], checkpoint: str | Path,
+                  dtype: str = "float32", device_map: dict[str, str] | None = None,
+                  threads: dict[str, int] | int | None = None) -> list[StageConfig]:
+    """What each stage's worker is told: its units, checkpoint path on its host, torch device and threads, next hop."""
+    src = testbed.source.name
+    out = []
+    for i, (s, h) in enumerate(zip(stages, handles)):
+        dev = testbed.device(s.device)
+        last = i + 1 == len(stages)
+        n_threads = threads.get(s.device) if isinstance(threads, dict) else threads
+        if n_threads is None:
+            # the device's rule (testbed.Device.threads), which its profile was measured with: local
+            # workers share this machine's cores (oversubscribed torch threads spin and slow all down)
+            n_threads = dev.threads()
+        out.append(StageConfig(
+            stage=i, model_path=dev.model_path or str(Path(checkpoint).resolve()), start=s.start, end=s.end,
+            device_name=s.device, dtype=dtype, device=(device_map or {}).get(s.device, "cpu"), threads=n_threads,
+            next=None if last else PeerAddress(handles[i + 1].host, handles[i + 1].port),
+            shape_next=None if last else link_shape(testbed, s.device, stages[i + 1].device),
+            shape_return=link_shape(testbed, s.device, src) if last else None))
+    return out
 
 
-def deploy(plan: Any, testbed: Any, checkpoint: str | Path, dtype: str = "float32",
-           device_map: dict[str, str] | None = None, problem: Any = None, launch_opts: dict | None = None,
-           threads: dict[str, int] | int | None = None, fault_timeout: float = FAULT_TIMEOUT_S,
-           load_timeout: float = LOAD_TIMEOUT_S) -> Deployment:
-    """Start one worker per stage of `plan` on its testbed device, load the stages, chain them; a Deployment."""
-    from edgeshard_kit.runtime.chain import connect_stages
+def deploy(plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str = "float32",
+           device_map: dict[str, str] | None = None, problem: Problem | None = None,
+           launch_opts: LaunchOptions | dict | None = None, threads: dict[str, int] | int | None = None,
+           fault_timeout: float = FAULT_TIMEOUT_S, load_timeout: float = LOAD_TIMEOUT_S) -> Deployment:
+    """Start one worker per stage of `plan` on its testbed device, load the stages, chain them; a Deployment.
 
+    `launch_opts`: options per launch kind ({"ssh": {...}} or a LaunchOptions); None = default_launch_options.
+    """
     stages = list(plan.stages)
     if not stages:
         raise KitError("plan has no stages")
-    for s in stages:
-        testbed.device(s.device)  # KitError naming an unknown device
+    devices = [testbed.device(s.device) for s in stages]  # KitError naming an unknown device
     src = testbed.source.name
     if stages[0].device != src:
         raise KitError(f"plan: unit 0 must run on the source device {src}, not {stages[0].device}")
@@ -262,54 +231,15 @@ def deploy(plan: Any, testbed: Any, checkpoint: str | Path, dtype: str = "float3
         raise KitError(f"checkpoint {checkpoint} is not a directory")
     _install_hooks()
     token = new_token()
-    opts = default_launch_opts(testbed) if launch_opts is None else launch_opts
-
-    def start(s: Stage) -> WorkerHandle:
-        dev = testbed.device(s.device)
-        return launcher_for(dev, **opts.get(dev.launch, {})).start(dev, token)
-
-    handles: list[WorkerHandle] = []
-    with ThreadPoolExecutor(max_workers=len(stages)) as ex:
-        futures = [ex.submit(start, s) for s in stages]
-        errors = []
-        for f in futures:
-            try:
-                handles.append(f.result())
-            except Exception as e:
-                errors.append(e)
-    if errors:
-        for h in handles:
-            h.stop(3.0)
-        raise errors[0]
-    dep = Deployment(plan, testbed, str(checkpoint), dtype, handles, token, problem, fault_timeout)
+    opts = default_launch_options(testbed) if launch_opts is None else LaunchOptions.of(launch_opts)
+    handles = start_workers(devices, token, opts)
+    chain = Chain(stages, handles, token, fault_timeout)
+    dep = Deployment(plan, testbed, checkpoint, dtype, chain, problem)
     _LIVE.add(dep)
     try:
-        connect_stages(dep, device_map or {}, threads, load_timeout)
+        configs = stage_configs(stages, testbed, handles, checkpoint, dtype, device_map, threads)
+        chain.connect(configs, wire.shaper_for(link_shape(testbed, src, stages[0].device)), load_timeout)
     except BaseException:
         dep.close()
         raise
     return dep
-
-
-def add_commands(sub) -> None:
-    """Extend `edgeshard generate` (generate.py's parser) with --testbed/--plan/...; dispatch to the runtime."""
-    from edgeshard_kit.cli import runtime as runtime_cli
-
-    p = sub.choices.get("generate")
-    if p is None:
-        return
-    runtime_cli.add_generate_args(p)
-    local = p.get_default("func")
-
-    def dispatch(args):
-        if args.testbed:
-            return runtime_cli.run_generate(args)
-        return local(args)
-
-    p.set_defaults(func=dispatch)
-
-
-def add_bench_commands(bench_sub) -> None:
-    from edgeshard_kit.cli.runtime import add_bench_commands as add
-
-    add(bench_sub)  # pipeline-latency, pipeline-throughput, wire

@@ -1,10 +1,8 @@
-"""Starting and stopping workers: the launcher interface, local subprocess workers, token files."""
+"""Starting and stopping workers: the WorkerHandle interface, the worker's command line, local subprocess workers."""
 
 from __future__ import annotations
 
-import json
 import os
-import secrets
 import select
 import signal
 import subprocess
@@ -14,12 +12,11 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from edgeshard_kit.core.units import KitError
-
-if TYPE_CHECKING:
-    from edgeshard_kit.testbed.inventory import Device
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.runtime.protocol import parse_listening, write_token_file
+from edgeshard_kit.testbed.inventory import Device
 
 LISTEN_TIMEOUT_S = 60.0  # a worker imports torch before listening: seconds on a loaded 2-core box
 
@@ -45,51 +42,10 @@ class WorkerHandle:
         raise NotImplementedError
 
 
-def new_token() -> bytes:
-    """A fresh random deployment token (32 bytes); never print or log it."""
-    return secrets.token_bytes(32)
-
-
-def write_token_file(token: bytes, directory: str | None = None) -> str:
-    """Write the token to a new file readable only by its owner (mode 0600); return its path."""
-    fd, path = tempfile.mkstemp(prefix="edgeshard-token-", dir=directory)
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, token.hex().encode())
-    finally:
-        os.close(fd)
-    return path
-
-
-def read_token_file(path: str) -> bytes:
-    """Read a token written by `write_token_file` (hex text); KitError if missing or malformed."""
-    try:
-        text = Path(path).read_text().strip()
-        token = bytes.fromhex(text)
-    except FileNotFoundError:
-        raise KitError(f"{path}: no such token file") from None
-    except ValueError:
-        raise KitError(f"{path}: the token file does not hold a hex token") from None
-    if len(token) < 16:
-        raise KitError(f"{path}: the token is shorter than 16 bytes")
-    return token
-
-
 def worker_command(python: str, port: int, token_file: str, bind: str = "0.0.0.0") -> list[str]:
     """The argv that starts a worker listening on `bind:port` (port 0 = the OS picks)."""
     return [python, "-m", "edgeshard_kit.runtime.worker", "--port", str(int(port)), "--token-file", token_file,
             "--bind", bind]
-
-
-def parse_listening(line: str) -> dict | None:
-    """The worker's `{"event": "listening", "host", "port"}` line as a dict, or None for other lines."""
-    try:
-        msg = json.loads(line)
-    except ValueError:
-        return None
-    if isinstance(msg, dict) and msg.get("event") == "listening" and isinstance(msg.get("port"), int):
-        return msg
-    return None
 
 
 @dataclass
@@ -150,7 +106,7 @@ class LocalLauncher:
         self.log_dir = log_dir
         self.listen_timeout = listen_timeout
 
-    def start(self, device: "Device", token: bytes, port: int = 0) -> LocalWorkerHandle:
+    def start(self, device: Device, token: bytes, port: int = 0) -> LocalWorkerHandle:
         """Start a worker for `device` (pinned to `device.cpus` if set) and wait until it listens."""
         port = port or getattr(device, "worker_port", 0) or 0
         token_file = write_token_file(token)
@@ -203,18 +159,3 @@ def _wait_listening(proc: subprocess.Popen, timeout: float) -> dict | None:
         elif proc.poll() is not None:
             return None
     return None
-
-
-def launcher_for(device: "Device", **opts):
-    """The launcher for `device.launch`: LocalLauncher for "local", edgeshard_kit.runtime.ssh_launcher.SSHLauncher for "ssh"."""
-    if device.launch == "local":
-        return LocalLauncher(**opts)
-    if device.launch == "ssh":
-        from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
-
-        return SSHLauncher(**opts)
-    raise KitError(f"device {device.name}: unknown launch {device.launch!r} (local or ssh)")
-
-
-__all__ = ["WorkerHandle", "LocalWorkerHandle", "LocalLauncher", "launcher_for", "worker_command", "new_token",
-           "write_token_file", "read_token_file", "parse_listening"]

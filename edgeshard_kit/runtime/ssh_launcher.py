@@ -1,8 +1,12 @@
-"""SSH launching: deploy the token, start, watch and stop remote workers, clean up at exit (connections: ssh_connect)."""
+"""SSH launching: deploy the token, start, watch and stop remote workers, clean up at exit; the `ssh check` preflight.
+
+The SSH connection itself (targets, host keys, remote commands, SFTP) is testbed.access.
+"""
 
 from __future__ import annotations
 
 import atexit
+import logging
 import posixpath
 import secrets
 import shlex
@@ -12,20 +16,20 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import paramiko
 
-from edgeshard_kit.runtime.launchers import LISTEN_TIMEOUT_S, WorkerHandle, parse_listening, worker_command
-from edgeshard_kit.testbed.access import (CONNECT_TIMEOUT_S, RUN_TIMEOUT_S, SSHConnection, SSHTarget, connect,
-                                       resolve_target, run_json)
-from edgeshard_kit.core.units import KitError
-
-if TYPE_CHECKING:
-    from edgeshard_kit.testbed.inventory import Device
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.runtime.launchers import LISTEN_TIMEOUT_S, WorkerHandle, worker_command
+from edgeshard_kit.runtime.protocol import parse_listening
+from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S, RUN_TIMEOUT_S, SSHConnection, resolve_target
+from edgeshard_kit.testbed.inventory import Device, Testbed
+from edgeshard_kit.testbed.netns import resolve_ssh
 
 POLL_S = 0.2               # polling interval for the listening line and for stop, seconds
 LOG_KEEP_BYTES = 1 << 20   # at stop, keep at most the last 1 MiB of the remote log
+_log = logging.getLogger(__name__)
 
 
 _LIVE: "set[SSHWorkerHandle]" = set()  # strong refs: a handle dropped without stop() is still stopped at exit
@@ -38,7 +42,7 @@ def stop_all(timeout: float = 5.0) -> None:
         try:
             handle.stop(timeout)
         except Exception as e:  # cleanup must go on with the other workers
-            print(f"edgeshard: could not stop worker on {handle.device}: {e}", file=sys.stderr)
+            _log.warning("could not stop the worker on %s: %s", handle.device, e)
 
 
 def install_cleanup() -> None:
@@ -145,7 +149,7 @@ class SSHWorkerHandle(WorkerHandle):
 
     def follow(self, callback: Callable[[str], None] | None = None, interval: float = 0.5) -> threading.Thread:
         """Stream new log lines to `callback` (default: stderr, prefixed with the device) until stop()."""
-        callback = callback or (lambda line: print(f"[{self.device}] {line}", file=sys.stderr))
+        callback = callback or (lambda line: sys.stderr.write(f"[{self.device}] {line}\n"))
 
         def loop() -> None:
             offset, partial = 0, b""
@@ -164,7 +168,7 @@ class SSHWorkerHandle(WorkerHandle):
 class SSHLauncher:
     """Starts workers on SSH hosts (launch: ssh); `start(device, token, port=0) -> SSHWorkerHandle`."""
 
-    def __init__(self, device: "Device | None" = None, *, python: str | None = None, bind: str = "0.0.0.0",
+    def __init__(self, device: Device | None = None, *, python: str | None = None, bind: str = "0.0.0.0",
                  ssh_config: str | None = None, known_hosts: str | None = None, accept_new_host_keys: bool = False,
                  connect_timeout: float = CONNECT_TIMEOUT_S, listen_timeout: float = LISTEN_TIMEOUT_S,
                  model_path: str | None = None, remote_tmp: str = "/tmp", log_dir: str | None = None,
@@ -179,21 +183,21 @@ class SSHLauncher:
         self.connect_timeout, self.listen_timeout = connect_timeout, listen_timeout
         self.model_path, self.remote_tmp, self.log_dir = model_path, remote_tmp, log_dir
 
-    def _dev(self, device: "Device | None") -> "Device":
+    def _dev(self, device: Device | None) -> Device:
         if (device or self.device) is None:
             raise KitError("SSHLauncher: no device given (pass it to SSHLauncher(device) or to the call)")
         return device or self.device
 
-    def connect(self, device: "Device | None" = None) -> SSHConnection:
+    def connect(self, device: Device | None = None) -> SSHConnection:
         """A new open connection to `device` (KitError naming device and host if it fails)."""
         return SSHConnection(resolve_target(self._dev(device), **self.target_opts), self.connect_timeout).open()
 
-    def run_json(self, argv: list[str] | str, device: "Device | None" = None, timeout: float = RUN_TIMEOUT_S) -> dict:
+    def run_json(self, argv: list[str] | str, device: Device | None = None, timeout: float = RUN_TIMEOUT_S) -> dict:
         """Run `argv` on the device and return its stdout parsed as JSON."""
         with self.connect(device) as conn:
             return conn.run_json(argv, timeout)
 
-    def check(self, device: "Device | None" = None, model_path: str | None = None) -> dict:
+    def check(self, device: Device | None = None, model_path: str | None = None) -> dict:
         """Preflight without starting anything: connect, python + kit on the host, model path; KitError if not."""
         device = self._dev(device)
         with self.connect(device) as conn:
@@ -204,7 +208,7 @@ class SSHLauncher:
             return {"device": device.name, "where": conn.target.where, "python": self.python or device.python,
                     "python_version": py, "kit_version": kit, "model_path": path}
 
-    def start(self, device: "Device | None" = None, token: bytes = b"", port: int = 0,
+    def start(self, device: Device | None = None, token: bytes = b"", port: int = 0,
               model_path: str | None = None) -> SSHWorkerHandle:
         """Check the host (python, kit, model path), copy the token, start the worker and wait until it listens."""
         device = self._dev(device)
@@ -272,51 +276,22 @@ class SSHLauncher:
         raise handle.conn._err(f"worker did not start listening within {self.listen_timeout:.0f} s")
 
 
-def _cmd_check(args) -> int:
-    from edgeshard_kit.testbed.inventory import load_testbed
+def check_devices(testbed: Testbed, names: list[str] | None = None, model_path: str | None = None,
+                  **opts: Any) -> list[dict]:
+    """`ssh check`: per launch: ssh device (or each of `names`), SSHLauncher.check's dict, or {device, error}.
 
-    tb = load_testbed(args.file)
-    names = args.device or [d.name for d in tb.devices if d.launch == "ssh"]
-    if not names:
-        print(f"testbed {tb.name}: no device has launch: ssh")
-        return 0
-    failed = 0
+    `opts` are SSHLauncher's keyword options (ssh_config, known_hosts, accept_new_host_keys, connect_timeout);
+    on an emulated (netns) testbed each device's address, key and known_hosts come from the testbed's state.
+    """
+    names = names or [d.name for d in testbed.devices if d.launch == "ssh"]
+    out = []
     for name in names:
-        dev = tb.device(name)
-        opts: dict[str, Any] = {}
-        if tb.emulation == "netns":
-            from edgeshard_kit.testbed.netns import resolve_ssh
-
-            opts = {k: v for k, v in resolve_ssh(tb, dev).items() if v is not None}
-        for k in ("ssh_config", "known_hosts"):
-            if getattr(args, k):
-                opts[k] = getattr(args, k)
-        launcher = SSHLauncher(accept_new_host_keys=args.accept_new_host_keys, connect_timeout=args.timeout, **opts)
+        dev = testbed.device(name)
+        dev_opts = {k: v for k, v in resolve_ssh(testbed, dev).items() if v is not None} \
+            if testbed.emulation == "netns" else {}
+        dev_opts.update({k: v for k, v in opts.items() if v is not None})
         try:
-            r = launcher.check(dev, model_path=args.model_path)
+            out.append(SSHLauncher(**dev_opts).check(dev, model_path=model_path))
         except KitError as e:
-            failed += 1
-            print(f"{name:12s} FAIL  {e}")
-            continue
-        print(f"{name:12s} ok    {r['where']}  python {r['python_version']} ({r['python']})  "
-              f"edgeshard-kit {r['kit_version']}  model {r['model_path'] or '(coordinator path, not checked)'}")
-    return 2 if failed else 0
-
-
-def add_commands(sub) -> None:
-    """`edgeshard ssh check FILE`: preflight of the testbed's SSH devices."""
-    p = sub.add_parser("ssh", help="SSH devices: check that every launch: ssh device is reachable and ready")
-    ssub = p.add_subparsers(dest="ssh_cmd", metavar="ACTION", required=True)
-    c = ssub.add_parser("check", help="connect to each SSH device; check python, edgeshard_kit and the model path")
-    c.add_argument("file", help="testbed inventory (YAML)")
-    c.add_argument("--device", action="append", help="only this device (repeatable)")
-    c.add_argument("--ssh-config", help="ssh config file (default ~/.ssh/config)")
-    c.add_argument("--known-hosts", help="known_hosts file (default ~/.ssh/known_hosts)")
-    c.add_argument("--accept-new-host-keys", action="store_true", help="lab testbeds: accept and save unknown host keys")
-    c.add_argument("--model-path", help="checkpoint path on the hosts, for devices without model_path")
-    c.add_argument("--timeout", type=float, default=CONNECT_TIMEOUT_S, help="connection timeout, s")
-    c.set_defaults(func=_cmd_check)
-
-
-__all__ = ["SSHTarget", "SSHConnection", "SSHLauncher", "SSHWorkerHandle", "resolve_target", "connect",
-           "run_json", "stop_all", "install_cleanup", "CONNECT_TIMEOUT_S", "RUN_TIMEOUT_S"]
+            out.append({"device": name, "error": str(e)})
+    return out

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.runtime.protocol import AuthError, Kind, ProtocolError
 
 MAGIC = b"ESK1"
 PREFIX = struct.Struct("!4sIQ")  # magic, header length (bytes), payload length (bytes)
@@ -32,14 +32,6 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-class ProtocolError(KitError):
-    """The peer sent something that is not a valid frame (or closed the connection mid-frame)."""
-
-
-class AuthError(ProtocolError):
-    """The peer failed the HMAC challenge-response."""
 
 
 @dataclass
@@ -179,7 +171,7 @@ class LinkShaper:
 
 
 def shaper_for(link: Any, mode: str = "app") -> LinkShaper | None:
-    """A LinkShaper for a testbed Link when emulation mode is "app" and the link is shaped; else None."""
+    """A LinkShaper for a link (testbed Link, protocol.LinkShape or {mbps, latency_ms}) in mode "app"; None if unshaped."""
     if mode != "app" or link is None:
         return None
     mbps = link.get("mbps") if isinstance(link, dict) else getattr(link, "mbps", None)
@@ -277,9 +269,9 @@ def authenticate(conn: Connection, token: bytes, role: str, timeout: float = 10.
     conn.settimeout(timeout)
     try:
         nonce = secrets.token_bytes(32)
-        conn.send("hello", nonce=nonce.hex(), role=role)
+        conn.send(Kind.HELLO, nonce=nonce.hex(), role=role)
         hello = conn.recv()
-        if hello.kind != "hello" or hello.get("role") != peer_role or not isinstance(hello.get("nonce"), str):
+        if hello.kind != Kind.HELLO or hello.get("role") != peer_role or not isinstance(hello.get("nonce"), str):
             raise AuthError("peer did not start the handshake")
         try:
             peer_nonce = bytes.fromhex(hello["nonce"])
@@ -287,9 +279,9 @@ def authenticate(conn: Connection, token: bytes, role: str, timeout: float = 10.
             raise AuthError("peer sent a malformed nonce") from None
         if len(peer_nonce) < 16 or peer_nonce == nonce:
             raise AuthError("peer sent a weak nonce")
-        conn.send("proof", mac=_mac(token, peer_nonce, role).hex())
+        conn.send(Kind.PROOF, mac=_mac(token, peer_nonce, role).hex())
         proof = conn.recv()
-        mac = proof.get("mac") if proof.kind == "proof" else None
+        mac = proof.get("mac") if proof.kind == Kind.PROOF else None
         want = _mac(token, nonce, peer_role).hex()
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), want.encode()):
             raise AuthError("peer failed authentication (wrong deployment token)")

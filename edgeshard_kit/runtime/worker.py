@@ -1,9 +1,14 @@
-"""The worker: listens, authenticates every connection, takes its stage config from the coordinator, runs it."""
+"""The worker: listens, authenticates every connection, takes its StageConfig from the coordinator, runs its stage.
+
+Its life, top to bottom: `serve` prints the listening line and accepts connections; the coordinator's
+control connection sends CONFIG (load the units, connect to the next stage), then frames flow:
+TOKENS/ACT in -> `_step` computes -> ACT to the next stage, or (last stage) a sampled TOKEN back.
+It imports only core, model, the wire and the protocol: it starts on remote hosts.
+"""
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import queue
 import socket
@@ -13,19 +18,24 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import torch
 
+from edgeshard_kit.model.generate import sample_next
+from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.launchers import read_token_file
+from edgeshard_kit.runtime.protocol import Kind, ProtocolError, Role, StageConfig, listening_line, read_token_file
+
+# A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
+# switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
+SWITCH_INTERVAL_S = 0.0002
 
 
 def _log(msg: str) -> None:
-    print(f"[worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)
+    print(f"[worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)  # stderr is the worker's log file
 
 
 def _rss() -> int:
-    import psutil
-
     return int(psutil.Process().memory_info().rss)
 
 
@@ -36,8 +46,8 @@ class Worker:
         self.token = token
         self.listener = socket.create_server((bind, port), reuse_port=False, backlog=16)
         self.host, self.port = self.listener.getsockname()[:2]
-        self.model = None
-        self.cfg: dict = {}
+        self.model: StageModel | None = None
+        self.cfg: StageConfig | None = None
         self.control: wire.Connection | None = None
         self.next: wire.Connection | None = None
         self.prev: wire.Connection | None = None
@@ -50,10 +60,14 @@ class Worker:
         self.lock = threading.Lock()
         self.done = threading.Event()
 
+    @property
+    def stage(self) -> int | None:
+        return self.cfg.stage if self.cfg else None
+
     # ---- connections ---------------------------------------------------------------------------------------
     def serve(self) -> None:
         """Accept connections until the coordinator's control connection closes or asks to shut down."""
-        print(json.dumps({"event": "listening", "host": self.host, "port": self.port}), flush=True)
+        print(listening_line(self.host, self.port), flush=True)  # the launcher reads the port from stdout
         self.listener.settimeout(0.5)
         threading.Thread(target=self._compute_loop, daemon=True).start()
         threading.Thread(target=self._send_loop, daemon=True).start()
@@ -72,25 +86,25 @@ class Worker:
             conn.settimeout(10.0)
             first = conn.recv()
             conn.settimeout(None)
-        except (wire.ProtocolError, OSError) as e:
+        except (ProtocolError, OSError) as e:
             _log(f"dropped connection from {addr[0]}: {str(e)[:200]}")  # garbage, wrong token, truncated: keep serving
             conn.close()
             return
-        role = first.get("role") if first.kind == "role" else None
+        role = first.get("role") if first.kind == Kind.ROLE else None
         try:
-            if role == "control":
+            if role == Role.CONTROL:
                 self._control_loop(conn)
-            elif role == "data":
+            elif role == Role.DATA:
                 self._data_loop(conn)
-            elif role == "probe":
+            elif role == Role.PROBE:
                 self._probe_loop(conn)
             else:
                 _log(f"dropped connection from {addr[0]}: unknown role {role!r}")
-        except (wire.ProtocolError, OSError) as e:
+        except (ProtocolError, OSError) as e:
             _log(f"{role} connection from {addr[0]} ended: {str(e)[:200]}")
         finally:
             conn.close()
-            if role == "control" and conn is self.control:
+            if role == Role.CONTROL and conn is self.control:
                 self.done.set()  # the coordinator is gone: nothing left to serve
                 _log("control connection closed: exiting")
                 os._exit(0)
@@ -100,22 +114,22 @@ class Worker:
             self.control = conn
         while True:
             f = conn.recv()
-            if f.kind == "ping":
-                conn.send("pong", t=f.get("t"))
-            elif f.kind == "config":
+            if f.kind == Kind.PING:
+                conn.send(Kind.PONG, t=f.get("t"))
+            elif f.kind == Kind.CONFIG:
                 self._configure(conn, f.meta)
-            elif f.kind in ("tokens", "release"):
+            elif f.kind in (Kind.TOKENS, Kind.RELEASE):
                 self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
-            elif f.kind == "stats":
-                conn.send("stats", **self._stats(bool(f.get("clear"))))
-            elif f.kind == "probe_send":
-                conn.send("probe_result", **self._probe_send(f.meta))
-            elif f.kind == "shutdown":
-                conn.send("bye")
+            elif f.kind == Kind.STATS:
+                conn.send(Kind.STATS, **self._stats(bool(f.get("clear"))))
+            elif f.kind == Kind.PROBE_SEND:
+                conn.send(Kind.PROBE_RESULT, **self._probe_send(f.meta))
+            elif f.kind == Kind.SHUTDOWN:
+                conn.send(Kind.BYE)
                 self.done.set()
                 return
             else:
-                conn.send("error", message=f"unknown request {f.kind!r}")
+                conn.send(Kind.ERROR, message=f"unknown request {f.kind!r}")
 
     def _data_loop(self, conn: wire.Connection) -> None:
         self.prev = conn
@@ -126,38 +140,48 @@ class Worker:
     def _probe_loop(self, conn: wire.Connection) -> None:
         while True:
             f = conn.recv()
-            conn.send("probe_ack", n=0 if f.tensor is None else f.tensor.numel())
+            conn.send(Kind.PROBE_ACK, n=0 if f.tensor is None else f.tensor.numel())
 
     # ---- configuration --------------------------------------------------------------------------------------
-    def _configure(self, conn: wire.Connection, cfg: dict) -> None:
+    def _configure(self, conn: wire.Connection, meta: dict) -> None:
+        """Load the configured units and connect to the next stage; LOADED, or ERROR naming host and path."""
         host = socket.gethostname()
-        path = cfg.get("model_path")
-        if not path or not Path(path).is_dir():
-            conn.send("error", message=f"model path {path} does not exist on host {host} (worker {self.host}:{self.port})")
+        try:
+            cfg = StageConfig.from_dict(meta)
+        except ProtocolError as e:
+            conn.send(Kind.ERROR, message=f"worker on host {host}: {e}")
+            return
+        if not Path(cfg.model_path).is_dir():
+            conn.send(Kind.ERROR, message=f"model path {cfg.model_path} does not exist on host {host} "
+                                          f"(worker {self.host}:{self.port})")
             return
         try:
             t0 = time.perf_counter()
-            if cfg.get("threads"):
-                torch.set_num_threads(int(cfg["threads"]))
-            from edgeshard_kit.model.stage import StageModel
-
-            self.model = StageModel(path, int(cfg["start"]), int(cfg["end"]), dtype=cfg.get("dtype", "float32"),
-                                    device=cfg.get("device", "cpu"))
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            self.model = StageModel(cfg.model_path, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device)
             load_s = time.perf_counter() - t0
             self.cfg = cfg
-            conn.shaper = wire.shaper_for(cfg.get("shape_return"))
-            nxt = cfg.get("next")
-            if nxt:
-                self.next = wire.connect(nxt["host"], int(nxt["port"]), self.token, timeout=30.0,
-                                         shaper=wire.shaper_for(cfg.get("shape_next")))
-                self.next.send("role", role="data", stage=cfg.get("stage"))
+            conn.shaper = wire.shaper_for(cfg.shape_return)
+            if cfg.next is not None:
+                self.next = wire.connect(cfg.next.host, cfg.next.port, self.token, timeout=30.0,
+                                         shaper=wire.shaper_for(cfg.shape_next))
+                self.next.send(Kind.ROLE, role=Role.DATA, stage=cfg.stage)
         except Exception as e:  # any failure to load is reported to the coordinator, not fatal to the worker
-            conn.send("error", message=f"stage {cfg.get('stage')} on host {host}: {type(e).__name__}: {e}")
+            conn.send(Kind.ERROR, message=f"stage {cfg.stage} on host {host}: {type(e).__name__}: {e}")
             return
-        conn.send("loaded", load_s=load_s, rss_bytes=_rss(), param_bytes=int(getattr(self.model, "param_bytes", 0)),
+        conn.send(Kind.LOADED, load_s=load_s, rss_bytes=_rss(), param_bytes=int(getattr(self.model, "param_bytes", 0)),
                   pid=os.getpid(), hostname=host, threads=torch.get_num_threads())
 
     # ---- the data path --------------------------------------------------------------------------------------
+    def _report(self, message: str) -> None:
+        """An ERROR to the coordinator, if it is still there."""
+        if self.control is not None:
+            try:
+                self.control.send(Kind.ERROR, message=message)
+            except OSError:
+                pass
+
     def _compute_loop(self) -> None:
         while True:
             f, t_in, recv_ms, nbytes = self.inbox.get()
@@ -165,20 +189,20 @@ class Worker:
                 self._step(f, t_in, recv_ms, nbytes)
             except Exception as e:
                 _log(f"step failed: {type(e).__name__}: {e}")
-                if self.control is not None:
-                    try:
-                        self.control.send("error", message=f"stage {self.cfg.get('stage')} failed: {type(e).__name__}: {e}")
-                    except OSError:
-                        pass
+                self._report(f"stage {self.stage} failed: {type(e).__name__}: {e}")
+
+    def _release(self, req: Any) -> None:
+        for d in (self.caches, self.generators, self.sampling):
+            for k in [k for k in d if k[0] == req]:
+                del d[k]
 
     def _step(self, f: wire.Frame, t_in: float, recv_ms: float, nbytes: int) -> None:
+        """One micro-batch through this stage: TOKENS/ACT in; ACT to the next stage, or a TOKEN back."""
         req, mb, step = f.get("req"), f.get("mb"), f.get("step")
-        key = (req, mb)
-        if f.kind == "release":
-            for d in (self.caches, self.generators, self.sampling):
-                for k in [k for k in d if k[0] == req]:
-                    del d[k]
+        if f.kind == Kind.RELEASE:
+            self._release(req)
             return
+        key = (req, mb)
         t0 = time.perf_counter()
         if step == 0:
             self.caches[key] = self.model.new_cache()
@@ -188,7 +212,7 @@ class Worker:
         with torch.inference_mode():
             out = self.model.forward(f.tensor, self.caches[key], mask_t)
         t1 = time.perf_counter()
-        rec = {"stage": self.cfg.get("stage"), "device": self.cfg.get("device_name"), "req": req, "mb": mb,
+        rec = {"stage": self.stage, "device": self.cfg.device_name, "req": req, "mb": mb,
                "step": step, "wait_ms": (t0 - t_in) * 1e3, "recv_ms": recv_ms, "compute_ms": (t1 - t0) * 1e3,
                "send_ms": 0.0, "bytes_in": nbytes, "bytes_out": 0}
         with self.lock:
@@ -202,11 +226,9 @@ class Worker:
         s = self.sampling.get(key, {})
         if key not in self.generators:
             self.generators[key] = torch.Generator().manual_seed(int(s.get("seed") or 0) + int(mb or 0))
-        from edgeshard_kit.model.generate import sample_next
-
         tok = sample_next(out, float(s.get("temperature") or 0.0), float(s.get("top_p") or 1.0), self.generators[key])
         t2 = time.perf_counter()
-        n = self.control.send("token", tok.to(torch.int64), **meta)
+        n = self.control.send(Kind.TOKEN, tok.to(torch.int64), **meta)
         rec.update(compute_ms=(t2 - t0) * 1e3, send_ms=(time.perf_counter() - t2) * 1e3, bytes_out=n)
 
     def _send_loop(self) -> None:
@@ -215,13 +237,9 @@ class Worker:
             out, meta = self.outbox.get()
             t0 = time.perf_counter()
             try:
-                n = self.next.send("act", out, **meta)
+                n = self.next.send(Kind.ACT, out, **meta)
             except Exception as e:  # the next stage is gone (or the frame is bad): tell the coordinator, go on
-                if self.control is not None:
-                    try:
-                        self.control.send("error", message=f"stage {self.cfg.get('stage')} cannot send to the next stage: {e}")
-                    except OSError:
-                        pass
+                self._report(f"stage {self.stage} cannot send to the next stage: {e}")
                 continue
             with self.lock:
                 rec = self.records.get((meta["req"], meta["mb"], meta["step"]))
@@ -243,17 +261,17 @@ class Worker:
         try:
             peer = wire.connect(req["host"], int(req["port"]), self.token, timeout=10.0,
                                 shaper=wire.shaper_for(req.get("shape")))
-        except (OSError, wire.ProtocolError) as e:
+        except (OSError, ProtocolError) as e:
             return {"error": f"cannot reach {req['host']}:{req['port']}: {e}"}
         out: list[dict] = []
         try:
-            peer.send("role", role="probe")
+            peer.send(Kind.ROLE, role=Role.PROBE)
             for size in req.get("sizes", []):
                 payload = torch.zeros(int(size), dtype=torch.uint8)
                 times = []
                 for _ in range(int(req.get("repeats", 3)) + 1):  # the first is a warm-up
                     t0 = time.perf_counter()
-                    peer.send("probe", payload)
+                    peer.send(Kind.PROBE, payload)
                     peer.recv()
                     times.append((time.perf_counter() - t0) * 1e3)
                 out.append({"bytes": int(size), "ms": times[1:]})
@@ -262,34 +280,26 @@ class Worker:
         return {"results": out}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="edgeshard worker", description="run one pipeline worker")
-    _add_args(p)
-    return _run(p.parse_args(argv))
-
-
-def _add_args(p: argparse.ArgumentParser) -> None:
+# ---- entry point: `python -m edgeshard_kit.runtime.worker` (what launchers start) and `edgeshard worker` -------
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The worker's options: a port and a token file; the coordinator pushes everything else."""
     p.add_argument("--port", type=int, default=0, help="TCP port (0 = the OS picks; printed on stdout)")
     p.add_argument("--token-file", required=True, help="file holding the deployment token (hex, mode 0600)")
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
 
 
-# A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
-# switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
-SWITCH_INTERVAL_S = 0.0002
-
-
-def _run(args: argparse.Namespace) -> int:
+def run(args: argparse.Namespace) -> int:
+    """Serve until the coordinator is done."""
     token = read_token_file(args.token_file)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     Worker(token, args.bind, args.port).serve()
     return 0
 
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("worker", help="run one pipeline worker (started by the coordinator's launcher)")
-    _add_args(p)
-    p.set_defaults(func=_run)
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="edgeshard worker", description="run one pipeline worker")
+    add_arguments(p)
+    return run(p.parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import paramiko
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 if TYPE_CHECKING:
     from edgeshard_kit.testbed.inventory import Device

@@ -11,16 +11,10 @@ from typing import Any
 
 import yaml
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.numbers import format_size, integer, number, parse_size
 
-_SIZE_UNITS = {
-    "": 1, "b": 1,
-    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
-}
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b|b)?\s*$", re.IGNORECASE)
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-_UNSHAPED = ("inf", "unlimited", "unshaped", "none")
 
 _DEVICE_KEYS = {
     "name", "type", "memory", "source", "cloud", "launch", "host", "port", "user", "key",
@@ -28,30 +22,6 @@ _DEVICE_KEYS = {
 }
 _LINK_KEYS = {"src", "dst", "mbps", "latency_ms"}
 _TOP_KEYS = {"name", "description", "devices", "links", "emulation"}
-
-
-def parse_size(value: Any, where: str = "size") -> int:
-    """Bytes from an int or a string such as "4GiB", "512MB", "1.5 GiB"; KitError otherwise."""
-    if isinstance(value, bool):
-        raise KitError(f"{where}: {value!r} is not a size")
-    if isinstance(value, int):
-        if value < 0:
-            raise KitError(f"{where}: {value!r} is negative")
-        return value
-    if isinstance(value, float) and value >= 0 and value.is_integer():
-        return int(value)
-    m = _SIZE_RE.match(str(value)) if isinstance(value, str) else None
-    if not m:
-        raise KitError(f"{where}: {value!r} is not a size (bytes, or a number with KiB/MiB/GiB/KB/MB/GB)")
-    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()])
-
-
-def format_size(n: int) -> str:
-    """Shortest exact binary form of a byte count ("4GiB", "512MiB", "1000")."""
-    for unit, mult in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= mult and n % mult == 0:
-            return f"{n // mult}{unit}"
-    return str(n)
 
 
 @dataclass(frozen=True)
@@ -203,24 +173,6 @@ class Testbed:
         return testbed_from_dict(d, self.path or "<testbed>")
 
 
-def _num(value: Any, where: str, allow_inf: bool = False) -> float:
-    if allow_inf and (value is None or (isinstance(value, str) and value.strip().lower() in _UNSHAPED)):
-        return math.inf
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise KitError(f"{where}: {value!r} is not a number")
-    v = float(value)
-    if math.isnan(v) or (math.isinf(v) and not allow_inf):
-        raise KitError(f"{where}: {value!r} is not a finite number")
-    return v
-
-
-def _int(value: Any, where: str, lo: int = 0, hi: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo or (hi is not None and value > hi):
-        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
-        raise KitError(f"{where}: {value!r} is not an integer {rng}")
-    return value
-
-
 def _str(value: Any, where: str, optional: bool = False) -> str | None:
     if value is None and optional:
         return None
@@ -261,10 +213,10 @@ def _device(d: Any, where: str) -> Device:
             cpus = [cpus]
         if not isinstance(cpus, list) or not cpus:
             raise KitError(f"{where}.cpus: {cpus!r} is not a non-empty list of CPU numbers")
-        cpus = tuple(_int(c, f"{where}.cpus[{i}]") for i, c in enumerate(cpus))
+        cpus = tuple(integer(c, f"{where}.cpus[{i}]") for i, c in enumerate(cpus))
     quota = d.get("cpu_quota")
     if quota is not None:
-        quota = _num(quota, f"{where}.cpu_quota")
+        quota = number(quota, f"{where}.cpu_quota")
         if quota <= 0:
             raise KitError(f"{where}.cpu_quota: {quota!r} must be > 0 (cores worth of CPU time)")
     mem_limit = d.get("mem_limit")
@@ -283,13 +235,13 @@ def _device(d: Any, where: str) -> Device:
         cloud=_bool(d.get("cloud", False), f"{where}.cloud"),
         launch=launch,
         host=_str(d.get("host", "127.0.0.1"), f"{where}.host"),
-        port=_int(d.get("port", 22), f"{where}.port", 1, 65535),
+        port=integer(d.get("port", 22), f"{where}.port", 1, 65535),
         user=_str(d.get("user"), f"{where}.user", optional=True),
         key=key,
         ssh_alias=_str(d.get("ssh_alias"), f"{where}.ssh_alias", optional=True),
         python=_str(d.get("python", "python3"), f"{where}.python"),
         model_path=_str(d.get("model_path"), f"{where}.model_path", optional=True),
-        worker_port=_int(d.get("worker_port", 0), f"{where}.worker_port", 0, 65535),
+        worker_port=integer(d.get("worker_port", 0), f"{where}.worker_port", 0, 65535),
         cpus=cpus,
         cpu_quota=quota,
         mem_limit_bytes=None if mem_limit is None else parse_size(mem_limit, f"{where}.mem_limit"),
@@ -299,10 +251,10 @@ def _device(d: Any, where: str) -> Device:
 
 def _link(d: Any, where: str, src: str = "*", dst: str = "*") -> Link:
     d = _check_keys(d, {"mbps", "latency_ms"}, where)
-    mbps = _num(d.get("mbps"), f"{where}.mbps", allow_inf=True)
+    mbps = number(d.get("mbps"), f"{where}.mbps", allow_inf=True)
     if mbps <= 0:
         raise KitError(f"{where}.mbps: negative mbps {mbps!r}" if mbps < 0 else f"{where}.mbps: mbps must be > 0")
-    lat = _num(d.get("latency_ms", 0.0), f"{where}.latency_ms")
+    lat = number(d.get("latency_ms", 0.0), f"{where}.latency_ms")
     if lat < 0:
         raise KitError(f"{where}.latency_ms: negative latency {lat!r}")
     return Link(src=src, dst=dst, mbps=mbps, latency_ms=lat)
@@ -408,4 +360,4 @@ def load_testbed(path: str | Path) -> Testbed:
     return testbed_from_dict(data, where)
 
 
-__all__ = ["Device", "Link", "Testbed", "load_testbed", "testbed_from_dict", "parse_size", "format_size"]
+__all__ = ["Device", "Link", "Testbed", "load_testbed", "testbed_from_dict"]

@@ -1,11 +1,10 @@
-"""The emulated testbed (root): a network namespace, cgroup and sshd per device, a bridge, tc per link."""
+"""The emulated testbed (root): a network namespace, cgroups (cgroups.py) and sshd (sshd.py) per device, a bridge, tc."""
 
 from __future__ import annotations
 
 import hashlib
 import ipaddress
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -14,15 +13,11 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from edgeshard_kit.testbed import sshd
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.testbed import cgroups, sshd
 from edgeshard_kit.testbed.inventory import Device, Testbed
-from edgeshard_kit.core.units import KitError
 
 PREFIX = "es"                        # namespaces es-<testbed>-<device>; interfaces esbr*/esv*
-CGROUP_ROOT = Path("/sys/fs/cgroup")
-CGROUP_DIR = "edgeshard-kit"         # cgroups /sys/fs/cgroup/{cpu,memory,cpuset}/edgeshard-kit/<testbed>/<device>
-CFS_PERIOD_US = 2_000                # cpu.cfs_quota_us = cpu_quota * this period (>= 1 ms); a short period spreads the
-                                     # throttling finely, so a quota of 0.5 acts like a CPU at half speed
 UNSHAPED_RATE = "10gbit"             # htb class for traffic that no link shapes (coordinator on the bridge, ARP)
 
 
@@ -132,45 +127,6 @@ def _link_exists(name: str) -> bool:
     return _run(["ip", "link", "show", name], check=False).returncode == 0
 
 
-def _cgroup_dirs(tb: Testbed, dev: Device) -> list[Path]:
-    ctrls = ["cpu", "memory"] + (["cpuset"] if dev.cpus else [])
-    return [CGROUP_ROOT / c / CGROUP_DIR / tb.name / dev.name for c in ctrls]
-
-
-def cfs_limits(cpu_quota: float | None) -> tuple[int, int]:
-    """(cpu.cfs_period_us, cpu.cfs_quota_us) for `cpu_quota` cores: the short period, lengthened only as far as
-    the kernel's 1 ms minimum quota needs (0.1 cores: 10 ms period, 1 ms quota); (period, -1) = no limit."""
-    if cpu_quota is None:
-        return CFS_PERIOD_US, -1
-    period = max(CFS_PERIOD_US, math.ceil(1000 / cpu_quota))
-    return period, max(1000, round(cpu_quota * period))
-
-
-def _setup_cgroup(tb: Testbed, dev: Device) -> list[Path]:
-    """The device's cgroups with its CPU quota, memory limit and cpuset; returns their cgroup.procs files."""
-    procs = []
-    for d in _cgroup_dirs(tb, dev):
-        ctrl = d.relative_to(CGROUP_ROOT).parts[0]
-        if not (CGROUP_ROOT / ctrl).is_dir():
-            raise KitError(f"cgroup v1 controller {ctrl} is not mounted at {CGROUP_ROOT / ctrl}")
-        if ctrl == "cpuset":  # v1 cpuset: every level needs cpus and mems before a task may join
-            for level in (d.parent.parent, d.parent, d):
-                level.mkdir(exist_ok=True)
-                for f in ("cpuset.cpus", "cpuset.mems"):
-                    if not (level / f).read_text().strip():
-                        (level / f).write_text((level.parent / f).read_text().strip())
-            (d / "cpuset.cpus").write_text(",".join(map(str, dev.cpus)))
-        d.mkdir(parents=True, exist_ok=True)
-        if ctrl == "cpu":
-            period, quota = cfs_limits(dev.cpu_quota)
-            (d / "cpu.cfs_period_us").write_text(str(period))
-            (d / "cpu.cfs_quota_us").write_text(str(quota))
-        if ctrl == "memory":
-            (d / "memory.limit_in_bytes").write_text(str(dev.mem_limit_bytes or -1))
-        procs.append(d / "cgroup.procs")
-    return procs
-
-
 def _shape(tb: Testbed, ns: str, dev: str, addrs: dict[str, str]) -> None:
     """htb on the namespace's eth0: one class per shaped destination (u32 filter on its address)."""
     _ns(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
@@ -216,7 +172,7 @@ def testbed_up(tb: Testbed) -> TestbedState:
     sshd.ensure_keys(sdir, tb.name, tb.names)
     known, cfg = sshd.write_client_files(sdir, addrs)
     existing = _netns_list()
-    namespaces, veths, pids, cgroups = {}, {}, {}, []
+    namespaces, veths, pids, cg_dirs = {}, {}, {}, []
     for dev in tb.devices:
         ns, veth = namespace_name(tb, dev.name), veth_name(tb, dev.name)
         namespaces[dev.name], veths[dev.name] = ns, veth
@@ -229,11 +185,11 @@ def testbed_up(tb: Testbed) -> TestbedState:
         _ns(ns, "ip", "addr", "replace", f"{addrs[dev.name]}/{prefix}", "dev", "eth0")
         _ns(ns, "ip", "link", "set", "eth0", "up")  # no default route: nothing outside the subnet is reachable
         _shape(tb, ns, dev.name, addrs)
-        procs = _setup_cgroup(tb, dev)
-        cgroups += [str(p.parent) for p in procs]
+        procs = cgroups.setup(tb, dev)
+        cg_dirs += [str(p.parent) for p in procs]
         pids[dev.name] = sshd.start_sshd(sdir, dev.name, ns, addrs[dev.name], procs)
     state = TestbedState(name=tb.name, state_dir=str(sdir), bridge=br, bridge_address=br_addr, subnet=tb.subnet,
-                         namespaces=namespaces, addresses=addrs, veths=veths, sshd_pids=pids, cgroups=cgroups,
+                         namespaces=namespaces, addresses=addrs, veths=veths, sshd_pids=pids, cgroups=cg_dirs,
                          key=str(sdir / sshd.CLIENT_KEY), known_hosts=str(known), ssh_config=str(cfg))
     (sdir / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
     return state
@@ -255,8 +211,9 @@ def unavailable() -> str | None:
         return "the emulated testbed needs root (network namespaces, cgroups, tc)"
     if not (shutil.which("sshd") or os.path.exists("/usr/sbin/sshd")):
         return "the emulated testbed needs sshd (Debian package openssh-server: `make sysdeps`)"
-    if not (CGROUP_ROOT / "cpu" / "cpu.cfs_quota_us").exists():
-        return f"the emulated testbed needs the cgroup v1 cpu controller ({CGROUP_ROOT / 'cpu'} is missing)"
+    why = cgroups.unavailable()
+    if why:
+        return why
     tool = _missing_tool()
     return tool and f"the emulated testbed needs `{tool}` (iproute2 / util-linux / openssh-client: `make sysdeps`)"
 
@@ -294,18 +251,13 @@ def testbed_down(tb: Testbed) -> list[str]:
     sdir, state = state_root() / tb.name, load_state(tb)
     namespaces = {namespace_name(tb, d.name) for d in tb.devices} | set((state.namespaces if state else {}).values())
     namespaces &= _netns_list()
-    cg_dirs = {str(d) for dev in tb.devices for d in _cgroup_dirs(tb, dev)} | set(state.cgroups if state else [])
-    for ctrl in ("cpu", "memory", "cpuset"):  # devices removed from the file since `up`
-        base = CGROUP_ROOT / ctrl / CGROUP_DIR / tb.name
-        cg_dirs |= {str(p) for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()
+    cg_dirs = cgroups.all_dirs(tb, state.cgroups if state else [])
     removed = []
     # Processes first: every sshd of this testbed, then whatever still runs in its namespaces / cgroups.
     pids = set(sshd.kit_sshd_pids(sdir))
     for ns in namespaces:
         pids |= {int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()}
-    for d in cg_dirs:
-        procs = Path(d) / "cgroup.procs"
-        pids |= {int(p) for p in procs.read_text().split()} if procs.exists() else set()
+    pids |= cgroups.pids(cg_dirs)
     pids.discard(os.getpid())
     sshd.kill_pids(sorted(pids))
     removed += [f"process {p}" for p in sorted(pids)]
@@ -320,16 +272,7 @@ def testbed_down(tb: Testbed) -> list[str]:
     if _link_exists(br):
         _run(["ip", "link", "del", br])
         removed.append(f"bridge {br}")
-    for d in sorted(cg_dirs, key=lambda s: -len(s)):
-        if Path(d).is_dir():
-            os.rmdir(d)
-            removed.append(f"cgroup {d}")
-    for ctrl in ("cpu", "memory", "cpuset"):  # empty kit parents: ours to remove, others' testbeds kept
-        for parent in (CGROUP_ROOT / ctrl / CGROUP_DIR / tb.name, CGROUP_ROOT / ctrl / CGROUP_DIR):
-            try:
-                parent.rmdir()
-            except OSError:
-                pass
+    removed += cgroups.remove(tb, cg_dirs)
     if sdir.is_dir():
         shutil.rmtree(sdir)
         removed.append(f"state {sdir}")
@@ -349,14 +292,7 @@ def testbed_status(tb: Testbed) -> dict:
     for dev in tb.devices:
         ns = namespace_name(tb, dev.name)
         info: dict = {"namespace": ns, "exists": ns in existing, "address": addrs[dev.name],
-                      "sshd_pid": sshd.sshd_pid(sdir, dev.name)}
-        cpu, mem = (CGROUP_ROOT / c / CGROUP_DIR / tb.name / dev.name for c in ("cpu", "memory"))
-        if cpu.is_dir():
-            q = int((cpu / "cpu.cfs_quota_us").read_text())
-            info["cpu_quota"] = None if q < 0 else q / int((cpu / "cpu.cfs_period_us").read_text())
-            info["cgroup_procs"] = len((cpu / "cgroup.procs").read_text().split())
-        if mem.is_dir():
-            info["mem_limit_bytes"] = int((mem / "memory.limit_in_bytes").read_text())
+                      "sshd_pid": sshd.sshd_pid(sdir, dev.name), **cgroups.limits(tb, dev)}
         if info["exists"]:
             info["addrs"] = _ns(ns, "ip", "-brief", "addr", "show", "dev", "eth0", check=False).stdout.split()[2:]
             info["qdiscs"] = _ns(ns, "tc", "qdisc", "show", "dev", "eth0", check=False).stdout.strip().splitlines()
@@ -390,7 +326,10 @@ def resolve_ssh(tb: Testbed, device: str | Device) -> dict:
 
 
 def launch_opts(tb: Testbed) -> dict:
-    """`launch_opts` for pipeline.deploy / probe_testbed: netns: {"ssh": {ssh_config, known_hosts, python}}; else {}."""
+    """Launch options for a netns testbed that is up: {"ssh": {ssh_config, known_hosts, python}}; else {}.
+
+    The runtime's `deploy` and `probe_testbed` use them when given none (runtime.launch.default_launch_options).
+    """
     if tb.emulation != "netns":
         return {}
     state = load_state(tb)
@@ -406,9 +345,3 @@ def launch_opts(tb: Testbed) -> dict:
 for _f in (testbed_up, testbed_down, testbed_status):
     _f.__test__ = False  # type: ignore[attr-defined]  # pytest: not tests despite their names
 
-
-def add_commands(sub) -> None:
-    """`edgeshard testbed up/down/status/show/check FILE` (in testbed_cli.py)."""
-    from edgeshard_kit.cli.testbed import add_commands as add
-
-    add(sub)

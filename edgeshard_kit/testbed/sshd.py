@@ -10,7 +10,7 @@ from pathlib import Path
 
 import psutil
 
-from edgeshard_kit.core.units import KitError
+from edgeshard_kit.core.errors import KitError
 
 SSHD = "/usr/sbin/sshd"
 CLIENT_KEY = "id_ed25519"  # the testbed's client key (private), in the state dir

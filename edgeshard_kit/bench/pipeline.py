@@ -1,0 +1,179 @@
+"""`edgeshard bench pipeline-latency / pipeline-throughput / wire`: the runtime against one process and plain TCP, as rows."""
+
+from __future__ import annotations
+
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from edgeshard_kit.core.units import Stage, n_units
+from edgeshard_kit.model.checkpoint import load_llama_config
+from edgeshard_kit.model.generate import build_stages, generate_split
+from edgeshard_kit.planning.build import build_problem
+from edgeshard_kit.planning.plan import Plan, make_plan
+from edgeshard_kit.planning.problem import without_fixed_costs
+from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.calibrate import RuntimeCosts, calibrate_runtime
+from edgeshard_kit.runtime.deployment import deploy
+from edgeshard_kit.runtime.protocol import Kind
+from edgeshard_kit.runtime.quickplan import quick_profiles, quick_workload
+from edgeshard_kit.testbed.inventory import Testbed, testbed_from_dict
+
+
+def local_testbed(n: int, pin: bool) -> Testbed:
+    """`n` local workers w0..w{n-1} on this host (w0 the source), each pinned to one CPU when `pin`."""
+    ncpu = os.cpu_count() or 1
+    devs = [{"name": f"w{i}", "type": "cpu-local", "memory": "64GiB", "source": i == 0,
+             **({"cpus": [i % ncpu]} if pin else {})} for i in range(n)]
+    return testbed_from_dict({"name": "bench-local", "devices": devs})
+
+
+def half_plan(checkpoint: str | Path, devices: list[str]) -> Plan:
+    """The model cut in two halves of units, on devices[0] and devices[1]."""
+    total = n_units(load_llama_config(checkpoint).num_hidden_layers)
+    cut = total // 2
+    return Plan("latency", (Stage(devices[0], 0, cut), Stage(devices[1], cut, total)), 0.0, 0.0, 0.0)
+
+
+def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16, repeats: int = 3,
+                  dtype: str = "float32") -> list[dict]:
+    """Per-token latency: 2 local workers vs one process on the same checkpoint, alternating; a row per repeat."""
+    tb = local_testbed(2, pin=False)
+    plan = half_plan(checkpoint, tb.names)
+    ids = [[(7 * i) % 200 + 3 for i in range(prompt_len)]]
+    threads = max(1, (os.cpu_count() or 1) // 2)
+    torch.set_num_threads(threads)  # the one-process baseline gets the threads one worker gets
+    total = n_units(load_llama_config(checkpoint).num_hidden_layers)
+    local = build_stages(checkpoint, [(0, total)], dtype=dtype)
+    rows = []
+    with deploy(plan, tb, checkpoint, dtype=dtype, threads=threads) as dep:
+        dep.generate(ids, 4)  # warm-up
+        generate_split(checkpoint, prompt_ids=ids, max_new_tokens=4, dtype=dtype, stages=local)
+        for r in range(repeats):
+            one = generate_split(checkpoint, prompt_ids=ids, max_new_tokens=tokens, dtype=dtype, stages=local)
+            dist = dep.generate(ids, tokens)
+            one_ms = statistics.median(one.per_token_ms)
+            rows.append({"repeat": r, "one_process_ms": one_ms, "pipeline_ms": dist.summary["per_token_ms"],
+                         "ratio": dist.summary["per_token_ms"] / one_ms})
+    return rows
+
+
+def bench_throughput(checkpoint: str | Path, micro_batches: int = 4, micro_batch_size: int = 1, tokens: int = 32,
+                     prompt_len: int = 16, repeats: int = 3, dtype: str = "float32", calibrate: bool = True,
+                     log: Callable[[str], Any] | None = None) -> tuple[list[dict], RuntimeCosts | None]:
+    """Throughput: 2 pinned workers, K micro-batches no-bubbles vs the same micro-batches one after another.
+
+    (rows, fixed costs): a row per repeat; the costs calibrated on these two workers (None without `calibrate`).
+    """
+    k = micro_batches
+    tb = local_testbed(2, pin=True)
+    batch = k * micro_batch_size
+    workload = quick_workload(batch, k, prompt_len, tokens)
+    profiles = quick_profiles(checkpoint, tb, workload, dtype, threads=1)
+    costs = calibrate_runtime(checkpoint, tb, profiles, prompt_len=prompt_len, log=log) if calibrate else None
+    problem = build_problem(profiles, tb, workload, runtime=costs)
+    paper = without_fixed_costs(problem)
+    stages = list(half_plan(checkpoint, tb.names).stages)
+    plan = make_plan(problem, stages, "throughput")
+    pred_paper = make_plan(paper, stages, "throughput").throughput_per_s
+    ids = [[(7 * i + j) % 200 + 3 for i in range(prompt_len)] for j in range(batch)]
+    rows = []
+    with deploy(plan, tb, checkpoint, dtype=dtype, problem=problem, threads=1) as dep:
+        dep.generate(ids, 2, mode="pipelined", micro_batches=k)  # warm-up
+        for r in range(repeats):
+            # Decode throughput (tokens after the first, over the time after the prefill), as the planner predicts.
+            t0, dec_tokens, dec_s = time.perf_counter(), 0, 0.0
+            for j in range(k):
+                one = dep.generate(ids[j * micro_batch_size:(j + 1) * micro_batch_size], tokens)
+                dec_tokens += micro_batch_size * (tokens - 1)
+                dec_s += one.summary["wall_s"] - one.summary["prefill_ms"] / 1e3
+            seq_all = batch * tokens / (time.perf_counter() - t0)
+            seq = dec_tokens / dec_s
+            res = dep.generate(ids, tokens, mode="pipelined", micro_batches=k, schedule="no-bubbles")
+            pipe, pipe_all = res.summary["decode_tokens_per_s"], res.summary["tokens_per_s"]
+            pred = res.prediction.get("throughput_no_bubbles_per_s") or res.prediction.get("throughput_per_s")
+            # The same cost model fed with the compute the workers measured during this run (ms per step):
+            # separates the runtime's overhead from the profile's accuracy under a shared CPU.
+            comp = [statistics.median(x["compute_ms"] for x in res.per_stage if x["stage"] == i and x["step"] > 0)
+                    for i in range(len(plan.stages))]
+            ideal = micro_batch_size * 1000.0 / max(comp)
+            rows.append({"repeat": r, "sequential_tokens_per_s": seq, "pipelined_tokens_per_s": pipe,
+                         "predicted_tokens_per_s": pred, "speedup": pipe / seq, "vs_prediction": pipe / pred,
+                         "predicted_paper_model_tokens_per_s": pred_paper, "vs_paper_model": pipe / pred_paper,
+                         "stage_compute_ms": "/".join(f"{c:.2f}" for c in comp),
+                         "predicted_from_measured_compute": ideal, "vs_measured_compute": pipe / ideal,
+                         "sequential_incl_prefill_tokens_per_s": seq_all, "pipelined_incl_prefill_tokens_per_s": pipe_all})
+    return rows, costs
+
+
+# The receiving end of `bench wire`, in its own process: the kit's wire, or plain TCP into one buffer.
+_WIRE_RECEIVER = r"""
+import socket, sys
+from edgeshard_kit.runtime import wire
+port, impl, nbytes, frames = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+sock = socket.create_connection(("127.0.0.1", port))
+if impl == "wire":
+    conn = wire.Connection(sock)
+    for _ in range(frames):
+        conn.recv()
+        conn.send("ack")
+else:  # plain TCP into one preallocated buffer: what the host's loopback gives without the kit
+    buf = memoryview(bytearray(nbytes))
+    for _ in range(frames):
+        got = 0
+        while got < nbytes:
+            got += sock.recv_into(buf[got:])
+        sock.sendall(b"k")
+sock.close()
+"""
+
+
+def bench_loopback(nbytes: int = 64 << 20, repeats: int = 5) -> list[dict]:
+    """Frames of `nbytes` over TCP on 127.0.0.1 to a receiver process, the kit's wire (float32 tensor frames)
+    and plain sockets alternating; one record (GB/s, send until the receiver has every byte) per frame."""
+    nbytes = nbytes // 4 * 4
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+    peers: dict[str, Any] = {}
+    procs = []
+    try:
+        for impl in ("wire", "socket"):
+            procs.append(subprocess.Popen([sys.executable, "-c", _WIRE_RECEIVER, str(port), impl, str(nbytes),
+                                           str(repeats + 1)]))
+            server.settimeout(60)
+            sock, _ = server.accept()
+            peers[impl] = wire.Connection(sock) if impl == "wire" else sock
+        t = torch.ones(nbytes // 4, dtype=torch.float32)
+        raw = memoryview(t.numpy()).cast("B")
+
+        def send(impl: str) -> float:
+            t0 = time.perf_counter()
+            if impl == "wire":
+                peers[impl].send(Kind.ACT, t, step=0)
+                peers[impl].recv()
+            else:
+                peers[impl].sendall(raw)
+                peers[impl].recv(1)
+            return time.perf_counter() - t0
+
+        rows = []
+        for i in range(repeats + 1):  # the first frame of each is a warm-up
+            for impl in (("wire", "socket") if i % 2 == 0 else ("socket", "wire")):
+                dt = send(impl)
+                if i:
+                    rows.append({"impl": impl, "repeat": i - 1, "bytes": nbytes, "seconds": dt,
+                                 "gb_per_s": nbytes / dt / 1e9})
+        return rows
+    finally:
+        for peer in peers.values():
+            peer.close()
+        for proc in procs:
+            proc.wait(30)
+        server.close()
