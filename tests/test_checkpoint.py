@@ -104,3 +104,121 @@ def test_cli_tiny_model(tmp_path):
     assert "2 layers (4 units)" in r.stdout
     assert (out / INDEX_FILE).is_file()
     assert load_llama_config(out).num_hidden_layers == 2
+
+
+# ---- weight files as transformers picks them; one-line errors for broken files ----------------------------
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _hf_greedy(d, ids, steps=6):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    model.generation_config.eos_token_id = None
+    return model.generate(ids, max_new_tokens=steps, do_sample=False, pad_token_id=3)[:, ids.shape[1]:].tolist()
+
+
+def test_single_file_wins_over_the_index_as_in_transformers(ckpts, tiny_checkpoint_factory, tmp_path):
+    """model.safetensors next to an index of other weights: transformers loads the single file, so does the kit."""
+    from edgeshard_kit.model.generate import generate_split
+
+    plain, _ = ckpts
+    other = tiny_checkpoint_factory(shard_size=60_000, seed=1, **SMALL)  # different weights, sharded
+    both = _copy(plain, tmp_path / "both")
+    for f in other.glob("model*.safetensors*"):
+        (both / f.name).write_bytes(f.read_bytes())
+    assert (both / "model.safetensors").is_file() and (both / INDEX_FILE).is_file()
+    assert set(weight_files(both).values()) == {both / "model.safetensors"}
+    ids = torch.tensor([[1, 40, 41, 42, 43]])
+    want = _hf_greedy(both, ids)
+    assert generate_split(both, [(0, 2), (2, 5)], prompt_ids=ids, max_new_tokens=6).tokens == want
+    assert want != _hf_greedy(other, ids)  # the two weight sets really differ: the choice matters
+    # config.json's `transformers_weights` names the file explicitly (transformers' first rule)
+    cfg = json.loads((both / "config.json").read_text())
+    (both / "config.json").write_text(json.dumps({**cfg, "transformers_weights": INDEX_FILE}))
+    assert (both / "model.safetensors") not in set(weight_files(both).values())
+
+
+def _one_line_error(d, message: str, capsys) -> None:
+    """The broken checkpoint fails with `message` in one line: weight_files, StageModel and the CLI."""
+    from edgeshard_kit.cli.main import main
+    from edgeshard_kit.model.stage import StageModel
+
+    with pytest.raises(KitError, match=message):
+        weight_files(d)
+    with pytest.raises(KitError, match=message):
+        StageModel(d, 0, 5)
+    assert main(["generate", "--model", str(d), "--prompt-ids", "1,2", "--max-new-tokens", "1"]) == 2
+    err = capsys.readouterr().err
+    assert message.replace("\\", "") in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_index_naming_a_tensor_its_shard_lacks(ckpts, tmp_path, capsys):
+    _, sharded = ckpts
+    d = _copy(sharded, tmp_path / "bad-index")
+    index = json.loads((d / INDEX_FILE).read_text())
+    wmap = index["weight_map"]
+    shards = sorted(set(wmap.values()))
+    name = next(n for n, f in wmap.items() if f == shards[0])
+    wmap[name] = shards[1]  # the index now sends this tensor to a shard that does not hold it
+    (d / INDEX_FILE).write_text(json.dumps(index))
+    _one_line_error(d, f"the tensor {name} is not in its shard {shards[1]}", capsys)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_broken_safetensors_file(ckpts, tmp_path, capsys, damage):
+    plain, sharded = ckpts
+    d = _copy(plain, tmp_path / "plain")
+    data = (d / "model.safetensors").read_bytes()
+    bad = data[: len(data) // 2] if damage == "truncated" else b"not a safetensors file at all" * 10
+    (d / "model.safetensors").write_bytes(bad)
+    _one_line_error(d, "model.safetensors: not a readable safetensors file", capsys)
+    d = _copy(sharded, tmp_path / "sharded")  # a broken shard is named as well
+    shard = sorted(d.glob("model-*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:100])
+    _one_line_error(d, f"{shard.name}: not a readable safetensors file", capsys)
+
+
+def test_tied_tiny_checkpoint_is_what_transformers_ties(tiny_checkpoint_factory):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    d = tiny_checkpoint_factory(tie_word_embeddings=True, **SMALL)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    model = AutoModelForCausalLM.from_pretrained(d)
+    assert model.config.tie_word_embeddings and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+# ---- generation settings, read as transformers' generate reads them ----------------------------------------
+
+def test_generation_settings(ckpts, tmp_path):
+    from edgeshard_kit.model.checkpoint import GenerationSettings, generation_settings
+
+    plain, _ = ckpts
+    gs = generation_settings(plain)
+    assert (gs.eos_token_ids, gs.pad_token_id, gs.bos_token_id) == ((2,), 3, 1)
+    assert gs.source.endswith("generation_config.json")
+    d = _copy(plain, tmp_path / "list")
+    # Llama-3 style: several EOS ids, no pad id -> finished rows get the first EOS id (transformers' rule);
+    # generation_config.json wins over config.json's pad id 3
+    (d / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [7, 2],
+                                                          "pad_token_id": None}))
+    assert generation_settings(d) == GenerationSettings((7, 2), 7, 1, str(d / "generation_config.json"))
+    (d / "generation_config.json").unlink()  # no generation_config.json: config.json, as transformers falls back
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": [5, 6], "pad_token_id": None}))
+    assert generation_settings(d) == GenerationSettings((5, 6), 5, 1, str(d / "config.json"))
+    (d / "config.json").write_text(json.dumps({**cfg, "eos_token_id": None, "pad_token_id": None}))
+    assert generation_settings(d).eos_token_ids == () and generation_settings(d).pad_token_id is None
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": "two"}))
+    with pytest.raises(KitError, match="eos_token_id"):
+        generation_settings(d)
+    (d / "generation_config.json").write_text("{not json")
+    with pytest.raises(KitError, match="generation_config.json"):
+        generation_settings(d)

@@ -1,13 +1,18 @@
-"""End to end on the emulated testbed (root): up, profile over SSH, probe, plan, deploy over SSH, same tokens, down."""
+"""End to end on the emulated testbed (root): up, profile over SSH, probe, plan, deploy over SSH, same tokens, down;
+and the same through a jump host (testbed/emulated-gateway.yaml: a device reachable only through another)."""
 
 import math
 import os
+import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import psutil
 import pytest
+import yaml
 
+from edgeshard_kit.cli.main import main
 from edgeshard_kit.testbed import cgroups, netns
 from edgeshard_kit.runtime import probe
 from edgeshard_kit.model.generate import generate_split
@@ -16,7 +21,8 @@ from edgeshard_kit.planning.dp import solve
 from edgeshard_kit.planning.build import Workload, build_problem
 from edgeshard_kit.profiling.profile import Profile
 from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
-from edgeshard_kit.testbed.inventory import testbed_from_dict
+from edgeshard_kit.runtime.protocol import new_token
+from edgeshard_kit.testbed.inventory import load_testbed, testbed_from_dict
 
 pytestmark = [
     pytest.mark.root, pytest.mark.slow,
@@ -101,3 +107,79 @@ def test_emulated_testbed_end_to_end(tiny_checkpoint_factory):
         netns.testbed_down(tb)
     print("seconds per phase:", {k: round(v, 1) for k, v in took.items()}, "plan:", plan.stages)
     assert _leftovers(tb) == []
+
+
+def _gateway_testbed(tmp_path):
+    """testbed/emulated-gateway.yaml under another name and subnets (a running copy of it is left alone),
+    with memory budgets that the 12 MiB model fills only with `far`, the device behind the gateway."""
+    data = yaml.safe_load((Path(__file__).resolve().parents[1] / "testbed" / "emulated-gateway.yaml").read_text())
+    data["name"] = "esgw"
+    data["emulation"] = {"mode": "netns", "subnet": "10.78.36.0/24", "gateways": {"gw": "10.78.37.0/24"}}
+    memory = {"edge0": "7MiB", "gw": "1MiB", "far": "1GiB"}
+    for d in data["devices"]:
+        d["memory"] = memory[d["name"]]
+        d["address"] = d["address"].replace("10.77.4.", "10.78.36.").replace("10.77.5.", "10.78.37.")
+    path = tmp_path / "esgw.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return load_testbed(path)
+
+
+def test_gateway_testbed_end_to_end(tiny_checkpoint_factory, tmp_path, capsys):
+    """A device behind a jump host: ssh check shows the path, profile and deploy go through gw, tokens match."""
+    tb = _gateway_testbed(tmp_path)
+    ckpt = tiny_checkpoint_factory(layers=4, seed=3)
+    netns.testbed_down(tb)  # a previous crashed run
+    t0 = time.perf_counter()
+    netns.testbed_up(tb)
+    took = {"up": time.perf_counter() - t0}
+    try:
+        assert main(["ssh", "check", tb.path]) == 0
+        out = capsys.readouterr().out
+        print(out)
+        assert "path: coordinator -> gw (root@10.78.36.11:22) -> far (root@10.78.37.10:22)" in out
+        assert "far          ok    root@10.78.37.10:22 via root@10.78.36.11:22" in out
+        # OpenSSH agrees: through the jump host far answers; directly its sshd refuses (logins from gw only).
+        st = netns.load_state(tb)
+        assert subprocess.run(["ssh", "-F", st.ssh_config, "far", "true"], timeout=30).returncode == 0
+        direct = subprocess.run(["ssh", "-F", st.ssh_config, "-o", "ProxyJump=none", "far", "true"],
+                                capture_output=True, text=True, timeout=30)
+        assert direct.returncode == 255 and "Permission denied" in direct.stderr
+
+        # Start a worker directly (edge0) and one through gw (far), same type and CPU quota: the hop's cost, s.
+        starts = {}
+        for name in ("edge0", "far"):
+            dev = tb.device(name)
+            launcher = SSHLauncher(dev, **netns.resolve_ssh(tb, dev))
+            t = time.perf_counter()
+            h = launcher.start(dev, new_token())
+            starts[name] = time.perf_counter() - t
+            assert [hop.name for hop in h.conn.target.hop.path()] == (["gw", "far"] if name == "far" else [name])
+            h.stop()
+            assert not Path(h.remote_dir).exists()
+        print("worker start, s: direct (edge0)", round(starts["edge0"], 2), "through gw (far)", round(starts["far"], 2))
+        took["starts"] = time.perf_counter() - t0 - sum(took.values())
+
+        with ThreadPoolExecutor(len(tb.devices)) as ex:
+            profs = list(ex.map(lambda d: _profile_over_ssh(tb, d, ckpt), tb.devices))
+        took["profile"] = time.perf_counter() - t0 - sum(took.values())
+        assert [p.device_type for p in profs] == [d.type for d in tb.devices]
+
+        problem = build_problem({p.device_type: p for p in profs}, tb, Workload(prompt_len=8, gen_tokens=NEW))
+        plan = solve(problem, "latency")
+        assert plan.stages[0].device == "edge0" and "far" in {s.device for s in plan.stages}, plan.stages
+        with deploy(plan, tb, ckpt, problem=problem, fault_timeout=120.0) as dep:  # launch options from the testbed
+            handles = list(dep.handles)
+            far = next(h for h in handles if h.device == "far")
+            assert far.host == "10.78.37.10" and far.conn.target.jumps[0].name == "gw"
+            got = dep.generate(PROMPTS, max_new_tokens=NEW)
+        want = generate_split(ckpt, None, prompts=PROMPTS, max_new_tokens=NEW).tokens
+        assert got.tokens == want
+        for h in handles:  # every worker stopped, its folder (token, logs) gone
+            assert not h.alive() and not Path(h.remote_dir).exists()
+            assert not psutil.pid_exists(h.pid) or psutil.Process(h.pid).status() == psutil.STATUS_ZOMBIE
+        took["deploy+generate"] = time.perf_counter() - t0 - sum(took.values())
+    finally:
+        netns.testbed_down(tb)
+    print("seconds per phase:", {k: round(v, 1) for k, v in took.items()}, "plan:", plan.stages)
+    assert _leftovers(tb) == []
+    assert "10.78.37.0/24" not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout

@@ -1,4 +1,5 @@
-"""The emulated testbed (root): namespaces, addresses, TCP, sshd, cgroups, tc bandwidth, and a clean `down`."""
+"""The emulated testbed (root): namespaces, addresses, TCP, sshd, cgroups, tc bandwidth, a device behind a gateway,
+and a clean `down`."""
 
 import json
 import os
@@ -12,7 +13,8 @@ import pytest
 import yaml
 
 from edgeshard_kit.testbed import cgroups, netns
-from edgeshard_kit.testbed.inventory import load_testbed
+from edgeshard_kit.testbed.access import connect
+from edgeshard_kit.testbed.inventory import load_testbed, testbed_from_dict
 from edgeshard_kit.core.errors import KitError
 
 ROOT_ONLY = pytest.mark.skipif(os.geteuid() != 0, reason="the emulated testbed needs root (namespaces, cgroups, tc)")
@@ -207,3 +209,81 @@ def test_down_removes_everything_also_after_a_crash(tb):
     netns.testbed_down(tb)
     assert _leftovers(tb) == []
 
+
+
+GATEWAY_TESTBED = {
+    "name": "esgwnet",
+    "devices": [
+        {"name": "a", "type": "edge", "memory": "256MiB", "source": True, "launch": "ssh", "address": "10.78.38.10"},
+        {"name": "g", "type": "edge", "memory": "256MiB", "launch": "ssh", "address": "10.78.38.11"},
+        {"name": "f", "type": "edge", "memory": "256MiB", "launch": "ssh", "via": "g"},
+    ],
+    "links": {"default": {"mbps": 200, "latency_ms": 0.0},
+              "pairs": [{"src": "g", "dst": "f", "mbps": SHAPED_MBPS}, {"src": "f", "dst": "a", "mbps": SHAPED_MBPS}]},
+    "emulation": {"mode": "netns", "subnet": "10.78.38.0/24", "gateways": {"g": "10.78.39.0/24"}},
+}
+
+
+def test_a_device_behind_a_gateway_is_reached_only_through_it(tmp_path):
+    path = tmp_path / "esgwnet.yaml"
+    path.write_text(yaml.safe_dump(GATEWAY_TESTBED))
+    gtb = load_testbed(path)
+    netns.testbed_down(gtb)
+    try:
+        st = netns.testbed_up(gtb)
+        assert netns.testbed_up(gtb).sshd_pids == st.sshd_pids  # idempotent, also with a gateway
+        assert netns.addresses(gtb) == {"a": "10.78.38.10", "g": "10.78.38.11", "f": "10.78.39.10"}  # f: auto
+        assert st.via == {"f": "g"} and netns.inner_address(gtb, "g") == "10.78.39.1"
+        ns_f = netns.namespace_name(gtb, "f")
+        routes = subprocess.run(["ip", "netns", "exec", ns_f, "ip", "route"], capture_output=True, text=True).stdout
+        assert "default" not in routes and "10.78.38.0/24 via 10.78.39.1 dev eth0" in routes
+        host_routes = subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+        assert f"10.78.39.0/24 via 10.78.38.11 dev {netns.bridge_name(gtb)}" in host_routes
+        probe = "import socket\ntry:\n socket.create_connection(('192.0.2.1', 80), timeout=2)\nexcept OSError as e:\n print(e.errno)"
+        out = subprocess.run(["ip", "netns", "exec", ns_f, sys.executable, "-c", probe], capture_output=True,
+                             text=True, timeout=20).stdout.strip()
+        assert out == "101"  # ENETUNREACH: behind the gateway there is no way out either
+        # OpenSSH: through the jump host (ProxyJump g in ssh_config) f answers; directly its sshd refuses.
+        ssh = subprocess.run(["ssh", "-F", st.ssh_config, "f", "echo $SSH_CONNECTION"], capture_output=True,
+                             text=True, timeout=30)
+        assert ssh.returncode == 0 and ssh.stdout.split()[0] == "10.78.39.1", ssh.stderr  # the client is g
+        direct = subprocess.run(["ssh", "-F", st.ssh_config, "-o", "ProxyJump=none", "f", "true"],
+                                capture_output=True, text=True, timeout=30)
+        assert direct.returncode == 255 and "Permission denied" in direct.stderr
+        # The kit takes the same path.
+        with connect(gtb.device("f"), **netns.resolve_ssh(gtb, "f")) as conn:
+            assert [h.where for h in conn.target.hop.path()] == ["root@10.78.38.11:22", "root@10.78.39.10:22"]
+            assert conn.run("echo $SSH_CONNECTION")[1].split()[0] == "10.78.39.1"
+        # Links are shaped once, at their sender: g -> f on g's inner bridge, f -> a at f, a -> f forwarded free.
+        ns_a, ns_g = netns.namespace_name(gtb, "a"), netns.namespace_name(gtb, "g")
+        for src, dst, addr in ((ns_g, ns_f, "10.78.39.10"), (ns_f, ns_a, "10.78.38.10")):
+            got = _tcp_transfer(src, dst, addr, int(SHAPED_MBPS * 1e6 / 8))["mbps"]
+            assert abs(got - SHAPED_MBPS) / SHAPED_MBPS < 0.15, (src, dst, got)
+        assert _tcp_transfer(ns_a, ns_f, "10.78.39.10", 4_000_000)["mbps"] > 1.5 * SHAPED_MBPS
+    finally:
+        netns.testbed_down(gtb)
+    assert _leftovers(gtb) == []
+    assert "10.78.39.0/24" not in subprocess.run(["ip", "route"], capture_output=True, text=True).stdout
+
+
+def test_via_and_gateways_are_checked_with_the_file_and_field():
+    def err(change) -> str:
+        data = yaml.safe_load(yaml.safe_dump(GATEWAY_TESTBED))
+        change(data)
+        with pytest.raises(KitError) as e:
+            testbed_from_dict(data, "gw.yaml")
+        return str(e.value)
+
+    assert err(lambda d: d["emulation"].pop("gateways")) == \
+        "gw.yaml: devices[2].via: no subnet behind g: add emulation.gateways: {g: 10.77.1.0/24}"
+    assert err(lambda d: d["devices"][2].update(via="x")) == "gw.yaml: emulation.gateways.g: no device has via: g"
+    assert "devices[2].via: only the emulated testbed" in err(lambda d: d.update(emulation={"mode": "app"}))
+    assert "emulation.gateways.g: 10.78.38.0/25 overlaps emulation.subnet" in \
+        err(lambda d: d["emulation"].update(gateways={"g": "10.78.38.0/25"}))
+    assert "devices[2].address: 10.78.38.50 is not a host address of 10.78.39.0/24 (the subnet behind g)" in \
+        err(lambda d: d["devices"][2].update(address="10.78.38.50"))
+    assert "devices[1].via: gateway f is itself behind g (one level of gateways)" in \
+        err(lambda d: d["devices"][1].update(via="f"))
+    tb = testbed_from_dict(GATEWAY_TESTBED, "gw.yaml")
+    assert testbed_from_dict(tb.to_dict(), "again").gateways == tb.gateways == (("g", "10.78.39.0/24"),)
+    assert tb.with_devices([tb.device("a"), tb.device("g")]).gateways == ()  # no device behind g: no subnet

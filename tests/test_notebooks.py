@@ -43,6 +43,16 @@ def test_notebooks_match_their_generator(tmp_path):
         assert [c.source for c in built.cells] == [c.source for c in stored.cells], f"re-run build_notebooks.py ({name})"
 
 
+@pytest.mark.parametrize("stem", ["01_profile_testbed", "03_deploy_and_generate", "04_benchmark_vs_baselines"])
+def test_model_notebooks_default_to_smollm2_and_run_tiny_here(stem):
+    import papermill as pm
+
+    params = pm.inspect_notebook(str(NB_DIR / f"{stem}.ipynb"))
+    assert params["model_path"]["default"] == '""'  # "" = SmolLM2-135M-Instruct, the kit's default model
+    assert "SmolLM2-135M-Instruct" in nbformat.read(NB_DIR / f"{stem}.ipynb", as_version=4).cells[0].source
+    assert SMALL["*"]["model_path"] == "tiny"  # the suite runs them on tiny checkpoints (2 cores in CI)
+
+
 def test_select_and_params(tmp_path):
     assert notebooks.select("2,05") == ["02", "05"]
     with pytest.raises(KitError, match="unknown notebook"):
@@ -54,11 +64,13 @@ def test_select_and_params(tmp_path):
         notebooks.run_notebooks(out=tmp_path / "r", params={"02": {"nosuch": 1}}, only="02")
 
 
+# Tiny random checkpoints keep the suite's time down (the notebooks default to SmolLM2-135M-Instruct, which
+# the hub and generation tests cover); "*" entries go to the notebooks that declare them.
 SMALL = {
-    "*": {"tiny_layers": 2, "tiny_hidden": 64, "repeats": 2},
+    "*": {"model_path": "tiny", "tiny_layers": 2, "tiny_hidden": 64, "repeats": 2},
     "01": {"kv_lens": "8", "prompt_len": 8, "probe_bytes": 65536},
-    "03": {"max_new_tokens": 4},
-    "04": {"cloud_mbps": "5,500", "max_new_tokens": 3, "micro_batches": 2, "repeats": 1},
+    "03": {"max_new_tokens": 4, "chat": False, "prompt": "The edge devices share the model"},
+    "04": {"cloud_mbps": "5,500", "prompt_len": 8, "max_new_tokens": 3, "micro_batches": 2, "repeats": 1},
     "05": {"models": "llama2-7b,llama2-70b", "cloud_mbps": "10,100"},
 }
 

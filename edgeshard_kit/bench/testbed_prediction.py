@@ -28,7 +28,7 @@ def testbed_prediction(testbed: str = "auto", layers: int = 8, hidden: int = 768
     """
     params = {"testbed": testbed, "layers": layers, "hidden": hidden, "cloud_mbps": cloud_mbps,
               "max_new_tokens": max_new_tokens, "micro_batches": micro_batches, "repeats": repeats}
-    checkpoint = checkpoint_for("", Path(root) / f"bench-model-{layers}x{hidden}", layers=layers, hidden=hidden)
+    checkpoint = checkpoint_for("tiny", Path(root) / f"bench-model-{layers}x{hidden}", layers=layers, hidden=hidden)
     config = BenchmarkConfig(model_path=str(checkpoint), cloud_mbps=cloud_mbps, methods=methods,
                              max_new_tokens=max_new_tokens, micro_batches=micro_batches, repeats=repeats,
                              profile_repeats=5, calibrate=True)

@@ -1,11 +1,11 @@
-"""The `edgeshard demo` command: the full experiment on a tiny checkpoint, or (`--split-only`) the 3-stage split check."""
+"""The `edgeshard demo` command: the full experiment on SmolLM2-135M-Instruct, or (`--split-only`) the 3-stage split check."""
 
 from __future__ import annotations
 
 import time
 
 from edgeshard_kit.cli.main import COMMANDS
-from edgeshard_kit.experiments.demo import DEMO_MODEL, demo, demo_config, split_check
+from edgeshard_kit.experiments.demo import demo, demo_config, split_check
 from edgeshard_kit.model.generate import format_result
 
 
@@ -13,8 +13,9 @@ def _split_only(args) -> int:
     check = split_check(args.model, args.max_new_tokens, log=print)
     print(format_result(check.result))
     per_token = sorted(check.reference.per_token_ms)
+    median = f"{per_token[len(per_token) // 2]:.2f} ms" if per_token else "n/a"
     print(f"one stage gives {'the same' if check.same else 'DIFFERENT'} tokens as the 3-stage split "
-          f"(one stage: per token median {per_token[len(per_token) // 2]:.2f} ms)")
+          f"(one stage: per token median {median})")
     return 0 if check.same else 1
 
 
@@ -24,7 +25,8 @@ def _cmd_demo(args) -> int:
     import pandas as pd
 
     t0 = time.perf_counter()
-    out = demo(demo_config(cloud_mbps=args.cloud_mbps), root=args.root, testbed=args.testbed, log=print)
+    out = demo(demo_config(cloud_mbps=args.cloud_mbps, model_path=args.model), root=args.root,
+               testbed=args.testbed, log=lambda line: print(line, flush=True))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\n" + out.summary.to_string(index=False))
     m = out.tables["measurements"]
@@ -38,7 +40,9 @@ def _cmd_demo(args) -> int:
 def add_parsers(sub) -> None:
     """Register `edgeshard demo`."""
     p = sub.add_parser("demo", help=COMMANDS["demo"][1])
-    p.add_argument("--model", default=str(DEMO_MODEL), help=f"checkpoint directory (created if missing; default {DEMO_MODEL})")
+    p.add_argument("--model", default="",
+                   help="a Llama checkpoint folder; 'tiny': a tiny random one; default: SmolLM2-135M-Instruct, "
+                        "converted once into the cache folder (edgeshard fetch-model), else a tiny random one")
     p.add_argument("--max-new-tokens", type=int, default=16, help="tokens to generate with --split-only (default 16)")
     p.add_argument("--split-only", action="store_true", help="only the local 3-stage split check (no experiment)")
     p.add_argument("--root", default="results", help="where the experiment's run folder goes (default results)")

@@ -12,10 +12,10 @@ from edgeshard_kit.cli.main import COMMANDS
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import format_stages, n_units, parse_split
 from edgeshard_kit.model.checkpoint import load_llama_config
-from edgeshard_kit.model.generate import format_result, generate_split
+from edgeshard_kit.model.generate import check_sampling, format_result, generate_split
 from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.runtime.deployment import RunResult, deploy
-from edgeshard_kit.runtime.quickplan import plan_for_run, quick_workload
+from edgeshard_kit.runtime.quickplan import plan_for_run, prompt_workload
 from edgeshard_kit.testbed.inventory import load_testbed
 
 
@@ -27,15 +27,25 @@ def parse_ids(text: str) -> list[int]:
         raise KitError(f"--prompt-ids {text!r} is not a comma-separated list of integers") from None
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """What both paths refuse before loading anything: sampling settings, token count, chat on token ids."""
+    check_sampling(args.temperature, args.top_p)
+    if args.max_new_tokens < 1:
+        raise KitError(f"max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.chat and args.prompt is None:
+        raise KitError("--chat needs --prompt text (the chat template applies to text), not --prompt-ids")
+
+
 # ---- on this host -------------------------------------------------------------------------------------------
 def run_local(args: argparse.Namespace) -> int:
     """The model split by --split (default one stage), every stage on this host."""
+    check_args(args)
     total = n_units(load_llama_config(args.model).num_hidden_layers)
     ranges = parse_split(args.split, total) if args.split else [(0, total)]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
               dtype=args.dtype, device=args.device, stop_at_eos=args.stop_at_eos)
     if args.prompt is not None:
-        res = generate_split(args.model, ranges, prompts=args.prompt, **kw)
+        res = generate_split(args.model, ranges, prompts=args.prompt, chat=args.chat, **kw)
     else:
         res = generate_split(args.model, ranges, prompt_ids=[parse_ids(t) for t in args.prompt_ids], **kw)
     print(json.dumps(res.to_dict()) if args.json else format_result(res))
@@ -44,11 +54,11 @@ def run_local(args: argparse.Namespace) -> int:
 
 # ---- on a testbed -------------------------------------------------------------------------------------------
 def run_on_testbed(args: argparse.Namespace) -> int:
-    """Plan (or load the plan), deploy, generate, tear down, print; with --keep, more prompts from stdin."""
+    """Check, plan for the real prompts (or load the plan), deploy, generate, tear down, print; with --keep,
+    more prompts from stdin until EOF."""
     if args.split:
         raise KitError("--split and --testbed exclude each other (the plan decides the split)")
-    if args.stop_at_eos:
-        raise KitError("--stop-at-eos is not supported with --testbed (the pipeline generates --max-new-tokens)")
+    check_args(args)
     tb = load_testbed(args.testbed)
     prompts: Any = args.prompt if args.prompt is not None else [parse_ids(t) for t in args.prompt_ids]
     if args.prompt_ids is not None and len({len(p) for p in prompts}) > 1:
@@ -56,22 +66,30 @@ def run_on_testbed(args: argparse.Namespace) -> int:
     k = args.micro_batches
     if k < 1 or k > len(prompts):
         raise KitError(f"--micro-batches {k} must be between 1 and the number of prompts ({len(prompts)})")
-    plen = 8 if args.prompt is not None else len(prompts[0])
-    workload = quick_workload(len(prompts), k, plen, args.max_new_tokens)
+    # plan for what will run: the prompts' padded length (chat template applied), their number, the new tokens
+    workload = prompt_workload(args.model, prompts, k, args.max_new_tokens, chat=args.chat)
     plan, problem = plan_for_run(args.model, tb, workload, args.dtype, args.objective, args.plan, args.profile)
     mode = "pipelined" if k > 1 else "sequential"
+    gen = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
+               stop_at_eos=args.stop_at_eos)
     with deploy(plan, tb, args.model, dtype=args.dtype, device_map={d.name: args.device for d in tb.devices},
                 problem=problem) as dep:
-        while True:
-            res = dep.generate(prompts, args.max_new_tokens, mode=mode, micro_batches=k, schedule=args.schedule,
-                               temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-            print_run(res, plan, args.json)
-            if not args.keep:
-                break
+        res = dep.generate(prompts, args.max_new_tokens, mode=mode, micro_batches=k, schedule=args.schedule, **gen)
+        print_run(res, plan, args.json)
+        while args.keep:
+            sys.stdout.flush()  # the answer is out before we wait for the next prompt
             line = sys.stdin.readline()
-            if not line.strip():
+            if not line:  # EOF
                 break
-            prompts, k, mode = [line.rstrip("\n")], 1, "sequential"
+            try:
+                res = dep.generate([line.rstrip("\n")], args.max_new_tokens, **gen)
+            except KitError as e:
+                if dep.closed:  # a worker failed: nothing left to serve
+                    raise
+                # refused before anything was sent (a prompt that encodes to nothing): say so, read the next one
+                print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
+                continue
+            print_run(res, plan, args.json)
     return 0
 
 
@@ -121,7 +139,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default cpu)")
-    p.add_argument("--stop-at-eos", action="store_true", help="stop a sequence at the end-of-sequence token")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt is a user message put through the checkpoint's chat template "
+                        "(with the generation prompt); implies --stop-at-eos")
+    p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
+                   help="stop a sequence at an end-of-sequence token of generation_config.json, pad it after "
+                        "(default: on with --chat, else off)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g = p.add_argument_group("distributed (workers over TCP; see docs/runtime.md)")
     g.add_argument("--testbed", default=None, help="testbed inventory YAML: run the plan on its workers")

@@ -18,6 +18,7 @@ from edgeshard_kit.core.errors import KitError
 # command -> (module of edgeshard_kit.cli that registers it, one-line help for `edgeshard --help`)
 COMMANDS: dict[str, tuple[str, str]] = {
     "tiny-model": ("model", "write a small seeded random Llama checkpoint (HF format) with a tokenizer"),
+    "fetch-model": ("model", "convert SmolLM2-135M-Instruct (the default model) once into the kit's cache folder"),
     "generate": ("generate", "generate text with the model split into stages (on this host by default)"),
     "profile": ("profile", "measure (or estimate) per-unit costs of a model on this device type"),
     "profile-show": ("profile", "print profiles as a table"),
@@ -30,8 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker", "run one pipeline worker (started by the coordinator's launcher)"),
     "results": ("experiments", "list and show run folders (results/<run-id>/)"),
     "run-notebooks": ("experiments", "execute the notebooks with papermill into results/<run-id>/"),
-    "demo": ("demo", "the full experiment on a tiny checkpoint: testbed up, profile, plan, deploy, "
-                     "benchmark vs baselines, results folder"),
+    "demo": ("demo", "the full experiment on SmolLM2-135M-Instruct: testbed up, profile, plan, deploy, "
+                     "generate, benchmark vs baselines, results folder"),
     "bench": ("bench", "benchmarks that print figures and write CSVs under results/"),
 }
 

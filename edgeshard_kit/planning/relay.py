@@ -92,10 +92,12 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
         counter += 1
 
     stage_ms = [d.stage_ms for d in problem.devices]
+    tied = problem.shared_bytes(range(N))  # the whole model as one stage on the source holds the tied tensor once
     for e in range(1, N + 1):
         c = P[src][e] + stage_ms[src]
-        if Q[e] <= memcap[src] and c <= cap_ms + EPS_MS:
-            mem = tuple(Q[e] if i == src else 0.0 for i in range(M))
+        q = Q[e] - (tied if e == N else 0.0)
+        if q <= memcap[src] and c <= cap_ms + EPS_MS:
+            mem = tuple(q if i == src else 0.0 for i in range(M))
             loads = tuple(c if i == src else 0.0 for i in range(M))
             push(e, src, mem, loads, (), c, ((src, 0, e),))
     expanded = 0
@@ -131,7 +133,7 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
             ld[(last, d)] = ld.get((last, d), 0.0) + tr
             new_links = tuple(sorted(ld.items()))
             for e in range(u + 1, N + 1):
-                m = mem[d] + Q[e] - Q[u]
+                m = mem[d] + Q[e] - Q[u]  # a later stage is another worker: no tied tensor to share
                 if m > memcap[d]:
                     break
                 c = P[d][e] - P[d][u] + stage_ms[d]
@@ -168,7 +170,7 @@ def _capacity_bound(problem: Problem, objective: str):
             min_in[d, u] = min(here, min_in[d, u + 1])
 
     def bound(u: int, mem: tuple, loads: tuple, g: float) -> float:
-        need = Q[N] - Q[u]
+        need = Q[N] - Q[u]  # after the first stage, no stage holds both unit 0 and the head
         avail = np.maximum(memcap - np.asarray(mem), 0.0)
         if avail.sum() < need - 1e-6:
             return math.inf  # the rest of the model no longer fits anywhere

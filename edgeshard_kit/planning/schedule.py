@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from edgeshard_kit.core.errors import KitError
@@ -13,19 +14,22 @@ from edgeshard_kit.planning.problem import Problem
 SCHEDULES = ("bubbles", "no-bubbles")
 
 
-def release(schedule: str, micro_batch: int, back: int, micro_batches: int) -> list[int]:
+def release(schedule: str, micro_batch: int, back: int, micro_batches: int,
+            finished: Collection[int] = ()) -> list[int]:
     """The pipeline's release rule, shared by the simulator (`timeline`) and the runtime's coordinator.
 
     `micro_batch` just got its token of some step back at the source, and `back` micro-batches (it
-    included) now have that step's token back. Returns the micro-batches that start their next token
-    now: "no-bubbles" releases that micro-batch at once; "bubbles" waits until the whole batch is back
-    and then releases every micro-batch (none before).
+    included) are now through that step: its token is back, or they finished at an earlier step.
+    `finished` names the micro-batches that start no further token (every row ended, e.g. at EOS;
+    possibly `micro_batch` itself). Returns the micro-batches that start their next token now:
+    "no-bubbles" releases that micro-batch at once; "bubbles" waits until the whole batch is through
+    the step and then releases every micro-batch that has not finished (none before).
     """
     if schedule not in SCHEDULES:
         raise KitError(f"schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
     if schedule == "no-bubbles" or micro_batches == 1:
-        return [micro_batch]
-    return list(range(micro_batches)) if back == micro_batches else []
+        return [] if micro_batch in finished else [micro_batch]
+    return [m for m in range(micro_batches) if m not in finished] if back == micro_batches else []
 
 
 def timeline(problem: Problem, plan: Plan, micro_batches: int = 1, tokens: int = 8,

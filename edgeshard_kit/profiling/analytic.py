@@ -182,6 +182,7 @@ def analytic_profile(model, device, dtype: str = "float32", batch: int = 1, prom
         units.append(UnitProfile(unit=u, name=unit_name(u, spec.num_hidden_layers), prefill_ms=prefill[u],
                                  decode_ms=dec[ref][u], decode_ms_by_kv={kv_: dec[kv_][u] for kv_ in kv_lens},
                                  param_bytes=params[u] * s, kv_bytes_per_token=kv, out_bytes_per_token=out,
+                                 tied_bytes=spec.vocab_size * spec.hidden_size * s if last and spec.tie_word_embeddings else 0,
                                  peak_mem_bytes=params[u] * s + kv * (max(kv_lens) + prompt_len) + act))
     meta = {"source": f"analytic roofline ({eff.source})", "method": "max(flops/(peak*compute), bytes/(bw*memory)) "
             "+ fixed per-unit overhead (embed / layer / head)", "efficiency": eff.to_dict(), "device_spec": dev.to_dict(),

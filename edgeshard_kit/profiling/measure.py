@@ -97,10 +97,18 @@ class UnitTimer:
         self.handles = []
 
 
-def _unit_param_bytes(stage) -> list[int]:
-    def nbytes(*mods):
-        return sum(p.numel() * p.element_size() for m in mods for p in m.parameters())
-    return [nbytes(stage.embed_tokens)] + [nbytes(l) for l in stage.layers] + [nbytes(stage.norm, stage.lm_head)]
+def _unit_param_bytes(stage) -> tuple[list[int], int]:
+    """(parameter bytes per unit, bytes the head shares with unit 0): a tied tensor is in both units' bytes
+    (a stage holding only the head needs its own copy) and reported once as the shared bytes."""
+    def params(*mods):
+        return {id(p): p for m in mods for p in m.parameters()}
+
+    def nbytes(ps):
+        return sum(p.numel() * p.element_size() for p in ps.values())
+
+    embed, head = params(stage.embed_tokens), params(stage.norm, stage.lm_head)
+    shared = {k: p for k, p in head.items() if k in embed}
+    return [nbytes(embed)] + [nbytes(params(l)) for l in stage.layers] + [nbytes(head)], nbytes(shared)
 
 
 def _host_meta(device: str) -> dict:
@@ -206,7 +214,7 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
     s = torch.finfo(stage.dtype).bits // 8
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     kv_tok = batch * 2 * cfg.num_key_value_heads * hd * s  # bytes per token position per layer, whole batch
-    pbytes = _unit_param_bytes(stage)
+    pbytes, tied = _unit_param_bytes(stage)
     ref = kv_lens[len(kv_lens) // 2]
     out_units = []
     for u in range(n + 2):
@@ -221,7 +229,8 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
             decode_ms=dec[ref][0], decode_ms_by_kv={k: v[0] for k, v in dec.items()},
             decode_min_ms_by_kv={k: v[1] for k, v in dec.items()}, decode_max_ms_by_kv={k: v[2] for k, v in dec.items()},
             param_bytes=pbytes[u], kv_bytes_per_token=kv, out_bytes_per_token=out,
-            peak_mem_bytes=pbytes[u] + kv * (max(kv_lens) + prompt_len) + int(act or 0)))
+            peak_mem_bytes=pbytes[u] + kv * (max(kv_lens) + prompt_len) + int(act or 0),
+            tied_bytes=tied if u == n + 1 else 0))
     # Per-step overhead = plain step - sum of units (mask, RoPE, sampling, Python glue), median of the pairs.
     step = {k: median_min_max([ms for kv, ms, _ in over["decode"] if kv == k])[0] for k in kv_lens}
     overhead = {"decode_step_ms": median_min_max([o for _, _, o in over["decode"]])[0],

@@ -44,6 +44,9 @@ class UnitProfile:
     # (batch x vocab x 4), which is what StageModel returns.
     out_bytes_per_token: int = 0
     peak_mem_bytes: int = 0  # parameters + KV at the largest kv_len + transient activations
+    # Of param_bytes, the bytes that are unit 0's tensor (the head of tied embeddings): a stage holding only
+    # this unit needs its own copy, a device that also holds unit 0 holds them once. 0 when untied.
+    tied_bytes: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -63,7 +66,8 @@ class UnitProfile:
             try:
                 if k.endswith("_by_kv"):
                     kw[k] = _kv_dict(v, f"{where}.{k}")
-                elif k in ("unit", "param_bytes", "kv_bytes_per_token", "out_bytes_per_token", "peak_mem_bytes"):
+                elif k in ("unit", "param_bytes", "kv_bytes_per_token", "out_bytes_per_token", "peak_mem_bytes",
+                           "tied_bytes"):
                     kw[k] = int(v)
                 elif k == "name":
                     kw[k] = str(v)
@@ -71,6 +75,8 @@ class UnitProfile:
                     kw[k] = None if v is None else float(v)
             except (TypeError, ValueError):
                 raise KitError(f"{where}.{k} is not a number: {v!r}") from None
+        if not 0 <= kw.get("tied_bytes", 0) <= kw.get("param_bytes", 0):
+            raise KitError(f"{where}.tied_bytes must be between 0 and param_bytes, got {kw.get('tied_bytes')}")
         return cls(**kw)
 
 
@@ -130,7 +136,17 @@ class Profile:
         return out
 
     def param_bytes(self) -> list[int]:
+        """Per-unit parameter bytes; the head of tied embeddings carries the shared tensor (see `tied_bytes`)."""
         return [u.param_bytes for u in self.units]
+
+    @property
+    def tied_bytes(self) -> int:
+        """Bytes the last unit shares with unit 0 (tied embeddings): counted once on a device holding both."""
+        return self.units[-1].tied_bytes
+
+    def model_param_bytes(self) -> int:
+        """Parameter bytes of the whole model, a tied tensor counted once."""
+        return sum(self.param_bytes()) - self.tied_bytes
 
     def kv_bytes_per_token(self) -> list[int]:
         return [u.kv_bytes_per_token for u in self.units]
@@ -190,6 +206,11 @@ class Profile:
         for i, u in enumerate(units):
             if u.unit != i:
                 raise KitError(f"{where}: units[{i}] has unit={u.unit}; units must be listed 0..{len(units) - 1} in order")
+            if u.tied_bytes and i != len(units) - 1:
+                raise KitError(f"{where}: units[{i}].tied_bytes: only the last unit (the head) shares unit 0's tensor")
+        if units[-1].tied_bytes > units[0].param_bytes:
+            raise KitError(f"{where}: the head's tied_bytes {units[-1].tied_bytes} exceed unit 0's param_bytes "
+                           f"{units[0].param_bytes}")
         if len(units) != n_layers + 2:
             raise KitError(f"{where}: {len(units)} units listed but n_layers={n_layers} needs {n_layers + 2}")
         for key in ("config", "overhead", "meta"):
@@ -210,7 +231,7 @@ class Profile:
         for u in self.units:
             common = {"unit": u.unit, "name": u.name, "param_bytes": u.param_bytes,
                       "kv_bytes_per_token": u.kv_bytes_per_token, "out_bytes_per_token": u.out_bytes_per_token,
-                      "peak_mem_bytes": u.peak_mem_bytes}
+                      "peak_mem_bytes": u.peak_mem_bytes, "tied_bytes": u.tied_bytes}
             rows.append({**base, **common, "phase": "prefill", "tokens": self.prompt_len, "kv_len": 0,
                          "median_ms": u.prefill_ms, "min_ms": u.prefill_min_ms, "max_ms": u.prefill_max_ms})
             by_kv = u.decode_ms_by_kv or {self.ref_kv_len: u.decode_ms}
@@ -230,12 +251,13 @@ class Profile:
         return (f"{self.model} on {self.device_type} ({self.dtype}, batch {self.batch}): {self.n_units} units, "
                 f"decode {self.predict_decode_ms():.2f} ms/token at kv {self.ref_kv_len}, "
                 f"prefill {self.predict_prefill_ms():.1f} ms for {self.prompt_len} tokens, "
-                f"{sum(self.param_bytes()) / 2**20:.1f} MiB of parameters")
+                f"{self.model_param_bytes() / 2**20:.1f} MiB of parameters"
+                f"{' (tied embeddings)' if self.tied_bytes else ''}")
 
 
 CSV_COLUMNS = ["model", "device_type", "dtype", "batch", "unit", "name", "phase", "tokens", "kv_len",
                "median_ms", "min_ms", "max_ms", "param_bytes", "kv_bytes_per_token", "out_bytes_per_token",
-               "peak_mem_bytes"]
+               "peak_mem_bytes", "tied_bytes"]
 
 
 def _json_path(path: str | Path) -> Path:

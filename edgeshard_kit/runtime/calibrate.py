@@ -31,7 +31,6 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, format_stages
 from edgeshard_kit.planning.build import Workload, build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
-from edgeshard_kit.planning.problem import Problem
 from edgeshard_kit.profiling.profile import Profile
 from edgeshard_kit.runtime.deployment import deploy
 from edgeshard_kit.runtime.launch import LaunchOptions
@@ -73,15 +72,17 @@ class RuntimeCosts:
             raise KitError(f"runtime costs: expected {{stage_ms: {{type: ms}}, step_ms: ms}}, got {d!r} ({e})") from None
 
 
-def _measure_plans(checkpoint: str | Path, testbed: Testbed, problem: Problem, plans: dict[str, Plan], tokens: int,
+def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Plan], tokens: int,
                    repeats: int, launch_opts: LaunchOptions | dict | None) -> dict[str, list[float]]:
     """Per label: every repeat's per-token latency (ms). All plans are deployed at once and measured in turn,
     alternating the order, so that a slow spell of the host falls on every plan alike (idle workers block on
     their sockets and cost nothing)."""
     runs: dict[str, list[float]] = {label: [] for label in plans}
     with ExitStack() as stack:
-        deps = {label: stack.enter_context(deploy(plan, testbed, checkpoint, problem=problem,
-                                                  launch_opts=launch_opts)) for label, plan in plans.items()}
+        # No problem passed: calibration layouts (the whole model on the source, say) ignore the memory budgets
+        # on purpose, and deploy() refuses an over-budget plan when it is given the problem.
+        deps = {label: stack.enter_context(deploy(plan, testbed, checkpoint, launch_opts=launch_opts))
+                for label, plan in plans.items()}
         for dep in deps.values():
             dep.generate([CALIBRATION_PROMPT], 2)  # warm-up: first-call allocations, page faults
         order = list(deps)
@@ -115,7 +116,7 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
             layouts[label] = [Stage(src.name, 0, 1), Stage(dev.name, 1, 2), Stage(src.name, 2, n)]
             others[label] = dev.type
     plans = {k: make_plan(problem, st, "latency", relay=True, method="calibration") for k, st in layouts.items()}
-    runs = _measure_plans(checkpoint, testbed, problem, plans, tokens, repeats, launch_opts)
+    runs = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts)
     records, excess = [], {}
     for label, plan in plans.items():
         pred, meas = plan.latency_ms, statistics.median(runs[label])

@@ -18,6 +18,7 @@ import torch
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
+from edgeshard_kit.model.generate import finish_step
 from edgeshard_kit.planning.schedule import release
 from edgeshard_kit.runtime import wire
 from edgeshard_kit.runtime.launchers import WorkerHandle
@@ -84,7 +85,9 @@ class Chain:
         extra = f" (exit code {code})" if code is not None else ""
         tail = ""
         try:
-            lines = [ln for ln in h.log_tail(5).splitlines() if ln.strip()]
+            lines = [ln for ln in h.log_tail(50).splitlines() if ln.strip()]
+            own = [ln for ln in lines if ln.startswith("[worker ")]  # its own lines, not a library's warnings
+            lines = own or lines
             tail = f"; last log line: {lines[-1][:200]}" if lines else ""
         except Exception:  # the log is a courtesy: the fault is reported without it
             pass
@@ -194,14 +197,21 @@ class Chain:
         return self.request_all(Kind.STATS, Kind.STATS, clear=clear)
 
     def run_schedule(self, ids: torch.Tensor, mask: torch.Tensor, steps: int, k: int, schedule: str,
-                     sample: dict) -> dict:
-        """Drive `k` micro-batches for `steps` tokens each, released by planning.schedule.release (bubbles or not)."""
+                     sample: dict, eos_ids: tuple[int, ...] = (), pad_id: int | None = None) -> dict:
+        """Drive `k` micro-batches for up to `steps` tokens each, released by planning.schedule.release.
+
+        With `eos_ids`, every token back goes through model.generate.finish_step (a finished row gets
+        `pad_id`, as transformers does); a micro-batch whose rows have all finished starts no further token,
+        and the rows of one that stopped early are padded with `pad_id` to the batch's final length.
+        """
         req = next(self._req)
         rows = [p.tolist() for p in torch.tensor_split(torch.arange(ids.shape[0]), k)]
         tokens: list[list[int]] = [[] for _ in range(ids.shape[0])]
         sent_at: dict[tuple[int, int], float] = {}
         last_tok: dict[int, torch.Tensor] = {}
         back: dict[int, int] = {}  # step -> micro-batches that have its token back
+        finished = [torch.zeros(len(r), dtype=torch.bool) for r in rows]  # per micro-batch, per row
+        stopped: dict[int, int] = {}  # micro-batch -> the step after which all its rows had finished
         per_token: list[dict] = []
 
         def send(mb: int, step: int, x: torch.Tensor, m: torch.Tensor | None) -> None:
@@ -215,32 +225,42 @@ class Chain:
         t_start = time.perf_counter()
         for j in range(k):
             send(j, 0, ids[rows[j]], mask[rows[j]])
-        remaining = k * steps
-        while remaining:
+        in_flight = k
+        while in_flight:
             i, f, t = w.next()
             if f.kind != Kind.TOKEN or f.get("req") != req:
                 continue
+            in_flight -= 1
             mb, step = int(f["mb"]), int(f["step"])
-            tok = f.tensor.reshape(-1)
+            tok = f.tensor.reshape(-1).to(torch.int64)
+            if eos_ids:
+                tok, finished[mb] = finish_step(tok, finished[mb], eos_ids, pad_id)
+                if bool(finished[mb].all()):
+                    stopped[mb] = step
             for r, v in zip(rows[mb], tok.tolist()):
                 tokens[r].append(v)
             per_token.append({"req": req, "mb": mb, "step": step, "rows": len(rows[mb]),
                               "sent_ms": (sent_at[(mb, step)] - t_start) * 1e3, "t_ms": (t - t_start) * 1e3,
                               "latency_ms": (t - sent_at[(mb, step)]) * 1e3})
-            remaining -= 1
             last_tok[mb] = tok[:, None]
             back[step] = back.get(step, 0) + 1
             if step + 1 < steps:
-                for j in release(schedule, mb, back[step], k):
+                # a micro-batch that stopped at an earlier step is through this one too (bubbles do not wait for it)
+                through = back[step] + sum(1 for s in stopped.values() if s < step)
+                for j in release(schedule, mb, through, k, stopped.keys()):
                     send(j, step + 1, last_tok[j], None)
+                    in_flight += 1
         wall_s = time.perf_counter() - t_start
+        width = max(len(t) for t in tokens)
+        for t in tokens:  # rows of a micro-batch that stopped early: padded as transformers pads finished rows
+            t.extend([pad_id] * (width - len(t)))
         for i in range(len(self.conns)):
             self.send_to(i, Kind.RELEASE, req=req)
         stats = self.stats(clear=True)
         per_stage = [dict(r) for s in stats for r in s["records"] if r.get("req") == req]
         per_stage.sort(key=lambda r: (r["stage"], r["mb"], r["step"]))
         return {"tokens": tokens, "per_token": per_token, "per_stage": per_stage, "wall_s": wall_s,
-                "counters": [s["counters"] for s in stats]}
+                "counters": [s["counters"] for s in stats], "stopped": dict(stopped)}
 
 
 class Waiter:

@@ -14,10 +14,10 @@ from typing import Any
 import torch
 
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.core.units import Stage
-from edgeshard_kit.model.checkpoint import load_tokenizer
-from edgeshard_kit.model.generate import encode_prompts
-from edgeshard_kit.planning.plan import Plan
+from edgeshard_kit.core.units import Stage, n_units, validate_ranges
+from edgeshard_kit.model.checkpoint import GenerationSettings, generation_settings, load_llama_config, load_tokenizer
+from edgeshard_kit.model.generate import check_sampling, encode_prompts
+from edgeshard_kit.planning.plan import Plan, figures
 from edgeshard_kit.planning.problem import Problem
 from edgeshard_kit.planning.schedule import SCHEDULES, evaluate
 from edgeshard_kit.runtime import wire
@@ -32,8 +32,8 @@ MODES = ("sequential", "pipelined")
 _LIVE: "weakref.WeakSet[Deployment]" = weakref.WeakSet()
 _HOOKED = False
 
-__all__ = ["Deployment", "PipelineError", "RunResult", "StageInfo", "deploy", "stage_configs", "FAULT_TIMEOUT_S",
-           "LOAD_TIMEOUT_S"]
+__all__ = ["Deployment", "PipelineError", "RunResult", "StageInfo", "check_plan", "deploy", "stage_configs",
+           "FAULT_TIMEOUT_S", "LOAD_TIMEOUT_S"]
 
 
 @dataclass
@@ -87,6 +87,7 @@ class Deployment:
         self.chain = chain
         self.problem = problem
         self._tokenizer = None
+        self._generation: GenerationSettings | None = None
 
     @property
     def handles(self) -> list[WorkerHandle]:
@@ -118,10 +119,23 @@ class Deployment:
             self._tokenizer = load_tokenizer(self.checkpoint)
         return self._tokenizer
 
+    def generation(self) -> GenerationSettings:
+        """EOS ids and pad id of the checkpoint (its generation_config.json, read as transformers reads it)."""
+        if self._generation is None:
+            self._generation = generation_settings(self.checkpoint)
+        return self._generation
+
     def generate(self, prompts: Any, max_new_tokens: int = 16, mode: str = "sequential", micro_batches: int = 1,
                  schedule: str = "no-bubbles", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
-                 attention_mask: torch.Tensor | None = None) -> RunResult:
-        """Generate `max_new_tokens` for prompts (str, list of str, or ids (B,T)) through the chain of workers."""
+                 attention_mask: torch.Tensor | None = None, chat: bool = False,
+                 stop_at_eos: bool | None = None) -> RunResult:
+        """Generate up to `max_new_tokens` for prompts (str, list of str, or ids (B,T)) through the chain of workers.
+
+        `chat`: each text prompt is a user message put through the checkpoint's chat template (with the
+        generation prompt). `stop_at_eos` (default: True for chat prompts, else False): a row that produced
+        an EOS id gets the pad id afterwards and a micro-batch whose rows all finished stops, as in
+        transformers' generate. Bad arguments raise KitError before anything is sent: the deployment stays usable.
+        """
         if self.closed:
             raise KitError("this deployment is closed (deploy again)")
         if mode not in MODES:
@@ -130,13 +144,16 @@ class Deployment:
             raise KitError(f"schedule {schedule!r}: choose bubbles or no-bubbles")
         if max_new_tokens < 1:
             raise KitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        ids, mask, texts_in = self._encode(prompts, attention_mask)
+        check_sampling(temperature, top_p)
+        ids, mask, texts_in = self._encode(prompts, attention_mask, chat)
         k = 1 if mode == "sequential" else int(micro_batches)
         if not 1 <= k <= ids.shape[0]:
             raise KitError(f"micro_batches={micro_batches} must be between 1 and the number of prompts ({ids.shape[0]})")
+        eos_ids, pad_id = self._stop_tokens(chat if stop_at_eos is None else bool(stop_at_eos))
         try:
             out = self.chain.run_schedule(ids, mask, max_new_tokens, k, schedule,
-                                          {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)})
+                                          {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
+                                          eos_ids, pad_id)
         except BaseException:  # a failed or interrupted run leaves frames in flight: the deployment is done
             self.close()
             raise
@@ -145,23 +162,41 @@ class Deployment:
         if texts_in is not None:
             tok = self.tokenizer()
             text = [tok.decode(t, skip_special_tokens=True) for t in tokens]
-        summary = _summarise(out["per_token"], ids.shape[0], max_new_tokens, out["wall_s"], mode, k, schedule)
+        summary = _summarise(out["per_token"], ids.shape[0], out["wall_s"], mode, k, schedule)
         return RunResult(tokens=tokens, text=text, per_token=out["per_token"], per_stage=out["per_stage"],
                          summary=summary, prediction=self.prediction(k, max_new_tokens),
                          stages=[asdict(s) for s in self.info])
 
-    def _encode(self, prompts: Any, mask: torch.Tensor | None):
+    def _stop_tokens(self, stop: bool) -> tuple[tuple[int, ...], int | None]:
+        """(EOS ids, pad id) when generation stops at EOS, else ((), None)."""
+        if not stop:
+            return (), None
+        gs = self.generation()
+        if not gs.eos_token_ids:
+            raise KitError(f"checkpoint {self.checkpoint} names no EOS token (generation_config.json, config.json): "
+                           f"cannot stop at EOS")
+        return tuple(int(e) for e in gs.eos_token_ids), gs.pad_token_id
+
+    def _encode(self, prompts: Any, mask: torch.Tensor | None, chat: bool = False):
         if isinstance(prompts, str):
             prompts = [prompts]
-        if isinstance(prompts, (list, tuple)) and prompts and all(isinstance(p, str) for p in prompts):
-            ids, m = encode_prompts(self.tokenizer(), list(prompts))
+        if isinstance(prompts, (list, tuple)) and all(isinstance(p, str) for p in prompts):  # [] too: no prompt
+            ids, m = encode_prompts(self.tokenizer(), list(prompts), chat=chat)
             return ids, m, list(prompts)
+        if chat:
+            raise KitError("chat prompts must be text (the chat template applies to text), not token ids")
         ids = torch.as_tensor(prompts, dtype=torch.int64)
         if ids.dim() == 1:
             ids = ids[None]
         if ids.dim() != 2 or ids.shape[0] == 0 or ids.shape[1] == 0:
             raise KitError(f"prompt ids must be (B, T) with B, T >= 1, got shape {tuple(ids.shape)}")
+        vocab = load_llama_config(self.checkpoint).vocab_size
+        if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise KitError(f"token id {bad} is outside the vocabulary [0, {vocab})")
         m = torch.ones_like(ids) if mask is None else torch.as_tensor(mask, dtype=torch.int64)
+        if m.shape != ids.shape:
+            raise KitError(f"attention mask of shape {tuple(m.shape)} does not match the prompt ids {tuple(ids.shape)}")
         return ids, m, None
 
     def prediction(self, micro_batches: int = 1, tokens: int = 8) -> dict:
@@ -177,16 +212,20 @@ class Deployment:
         return self.chain.stats(clear)
 
 
-def _summarise(per_token: list[dict], rows: int, steps: int, wall_s: float, mode: str, k: int, schedule: str) -> dict:
+def _summarise(per_token: list[dict], rows: int, wall_s: float, mode: str, k: int, schedule: str) -> dict:
+    """Prefill and per-token ms (median, min, max) and tokens/s; tokens counted as generated (stops at EOS included)."""
     first = [r["latency_ms"] for r in per_token if r["step"] == 0]
     rest = [r["latency_ms"] for r in per_token if r["step"] > 0]
+    generated = sum(r["rows"] for r in per_token)
+    decoded = sum(r["rows"] for r in per_token if r["step"] > 0)
+    steps = 1 + max((r["step"] for r in per_token), default=0)
     return {"mode": mode, "micro_batches": k, "schedule": schedule, "prompts": rows, "new_tokens": steps,
-            "wall_s": wall_s, "prefill_ms": statistics.median(first) if first else None,
+            "generated_tokens": generated, "wall_s": wall_s, "prefill_ms": statistics.median(first) if first else None,
             "per_token_ms": statistics.median(rest) if rest else None,
             "per_token_ms_min": min(rest) if rest else None, "per_token_ms_max": max(rest) if rest else None,
-            "tokens_per_s": rows * steps / wall_s if wall_s > 0 else None,
-            "decode_tokens_per_s": rows * (steps - 1) / (wall_s - max(first) / 1e3)
-            if steps > 1 and first and wall_s > max(first) / 1e3 else None}
+            "tokens_per_s": generated / wall_s if wall_s > 0 else None,
+            "decode_tokens_per_s": decoded / (wall_s - max(first) / 1e3)
+            if decoded and first and wall_s > max(first) / 1e3 else None}
 
 
 def stage_configs(stages: list[Stage], testbed: Testbed, handles: list[WorkerHandle], checkpoint: str | Path,
@@ -212,6 +251,24 @@ def stage_configs(stages: list[Stage], testbed: Testbed, handles: list[WorkerHan
     return out
 
 
+def check_plan(stages: list[Stage], testbed: Testbed, checkpoint: str | Path, problem: Problem | None = None) -> None:
+    """KitError unless the stages cover the checkpoint's units [0, N+2) exactly, in order, on the testbed's
+    devices, unit 0 on the source; with a problem, unless every device holds its stages (memory budgets)."""
+    total = n_units(load_llama_config(checkpoint).num_hidden_layers)
+    validate_ranges([(s.start, s.end) for s in stages], total, "plan")
+    for s in stages:
+        if s.device not in testbed.names:
+            raise KitError(f"plan: units {s.start}:{s.end} on unknown device {s.device!r} "
+                           f"(testbed {testbed.name}: {', '.join(testbed.names)})")
+    src = testbed.source.name
+    if stages[0].device != src:
+        raise KitError(f"plan: unit 0 must run on the source device {src}, not {stages[0].device}")
+    if problem is not None:
+        f = figures(problem, stages)
+        if not f["feasible"]:
+            raise KitError(f"plan does not fit the devices' memory for this workload: {f['reason']}")
+
+
 def deploy(plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str = "float32",
            device_map: dict[str, str] | None = None, problem: Problem | None = None,
            launch_opts: LaunchOptions | dict | None = None, threads: dict[str, int] | int | None = None,
@@ -223,12 +280,11 @@ def deploy(plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str = "f
     stages = list(plan.stages)
     if not stages:
         raise KitError("plan has no stages")
-    devices = [testbed.device(s.device) for s in stages]  # KitError naming an unknown device
     src = testbed.source.name
-    if stages[0].device != src:
-        raise KitError(f"plan: unit 0 must run on the source device {src}, not {stages[0].device}")
     if not Path(checkpoint).is_dir():
         raise KitError(f"checkpoint {checkpoint} is not a directory")
+    check_plan(stages, testbed, checkpoint, problem)
+    devices = [testbed.device(s.device) for s in stages]
     _install_hooks()
     token = new_token()
     opts = default_launch_options(testbed) if launch_opts is None else LaunchOptions.of(launch_opts)

@@ -64,7 +64,8 @@ class LocalWorkerHandle(WorkerHandle):
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0, keep_log: bool = False) -> None:
+        """Stop the worker's process group; remove its token file and (unless `keep_log`) its log file."""
         if self._stopped:
             return
         self._stopped = True
@@ -80,6 +81,8 @@ class LocalWorkerHandle(WorkerHandle):
             self.proc.stdout.close()
         if self.token_file:
             Path(self.token_file).unlink(missing_ok=True)
+        if self.log_path and not keep_log:
+            Path(self.log_path).unlink(missing_ok=True)  # a finished deployment leaves no files behind
 
     def log_tail(self, n: int = 50) -> str:
         try:
@@ -132,7 +135,7 @@ class LocalLauncher:
             raise
         if msg is None:
             tail = handle.log_tail(5).strip().splitlines()
-            handle.stop(1.0)
+            handle.stop(1.0, keep_log=True)  # the message names the log
             raise KitError(f"worker for device {device.name} did not start listening within "
                            f"{self.listen_timeout:.0f} s: {tail[-1] if tail else 'no output'} (log {log_path})")
         handle.port = int(msg["port"])

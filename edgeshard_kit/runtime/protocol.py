@@ -24,6 +24,14 @@ from typing import Any
 
 from edgeshard_kit.core.errors import KitError
 
+# The worker's bounds against peers that have not authenticated (docs/security.md) and per-role frame limits.
+HANDSHAKE_S = 10.0  # the whole handshake plus the ROLE frame must arrive within this (one deadline)
+MAX_PENDING = 32  # connections not yet authenticated at once; more are closed at accept
+IDLE_EXIT_S = 120.0  # exit when no authenticated coordinator has connected within this after start
+CONTROL_MAX = 64 << 20  # control frames carry token ids and small records
+PROBE_MAX = 256 << 20  # probe payloads (the probe's sizes are a few MiB)
+ACT_TOKENS_MAX = 1 << 16  # batch x tokens of one activation frame, at most
+
 
 class ProtocolError(KitError):
     """The peer sent something that is not a valid frame or message (or closed the connection mid-frame)."""

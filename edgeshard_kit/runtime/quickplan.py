@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.model.checkpoint import load_tokenizer
+from edgeshard_kit.model.generate import encode_prompts
 from edgeshard_kit.planning.build import Workload, build_problem, load_profiles
 from edgeshard_kit.planning.dp import solve
 from edgeshard_kit.planning.plan import Plan, load_plan
@@ -28,11 +30,29 @@ def quick_profiles(checkpoint: str | Path, testbed: Testbed, workload: Workload,
 
 
 def quick_workload(batch: int, micro_batches: int, prompt_len: int, gen_tokens: int) -> Workload:
-    """The workload of `batch` sequences in `micro_batches` (rounded to whole micro-batches)."""
+    """The workload of `batch` sequences in `micro_batches` (rounded up to whole micro-batches of the largest size)."""
     if micro_batches < 1 or micro_batches > batch:
         raise KitError(f"micro-batches {micro_batches} must be between 1 and the number of prompts ({batch})")
-    batch = batch // micro_batches * micro_batches
+    batch = -(-batch // micro_batches) * micro_batches  # the runtime's first micro-batches hold ceil(B / K) rows
     return Workload(prompt_len=max(prompt_len, 1), gen_tokens=gen_tokens, batch=batch, micro_batches=micro_batches)
+
+
+def prompt_workload(checkpoint: str | Path, prompts: list[str] | list[list[int]], micro_batches: int,
+                    max_new_tokens: int, chat: bool = False) -> Workload:
+    """The workload of these prompts: their length after tokenizing (chat template when `chat`) and left-padding,
+    their number, `micro_batches` and `max_new_tokens`; a prompt the generation would refuse is refused here."""
+    if not prompts:
+        raise KitError("no prompt given")
+    if all(isinstance(p, str) for p in prompts):
+        ids, _ = encode_prompts(load_tokenizer(checkpoint), list(prompts), chat=chat)
+        batch, plen = ids.shape
+    else:
+        if chat:
+            raise KitError("chat prompts must be text (the chat template applies to text), not token ids")
+        batch, plen = len(prompts), max(len(p) for p in prompts)
+    if max_new_tokens < 1:
+        raise KitError(f"max-new-tokens must be at least 1, got {max_new_tokens}")
+    return quick_workload(int(batch), micro_batches, int(plen), max_new_tokens)
 
 
 def quick_problem(checkpoint: str | Path, testbed: Testbed, workload: Workload, dtype: str = "float32",

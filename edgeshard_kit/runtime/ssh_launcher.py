@@ -23,7 +23,7 @@ import paramiko
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.runtime.launchers import LISTEN_TIMEOUT_S, WorkerHandle, worker_command
 from edgeshard_kit.runtime.protocol import parse_listening
-from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S, RUN_TIMEOUT_S, SSHConnection, resolve_target
+from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S, RUN_TIMEOUT_S, SSHConnection, SSHTarget, resolve_target
 from edgeshard_kit.testbed.inventory import Device, Testbed
 from edgeshard_kit.testbed.netns import resolve_ssh
 
@@ -168,7 +168,7 @@ class SSHWorkerHandle(WorkerHandle):
 class SSHLauncher:
     """Starts workers on SSH hosts (launch: ssh); `start(device, token, port=0) -> SSHWorkerHandle`."""
 
-    def __init__(self, device: Device | None = None, *, python: str | None = None, bind: str = "0.0.0.0",
+    def __init__(self, device: Device | None = None, *, python: str | None = None, bind: str | None = None,
                  ssh_config: str | None = None, known_hosts: str | None = None, accept_new_host_keys: bool = False,
                  connect_timeout: float = CONNECT_TIMEOUT_S, listen_timeout: float = LISTEN_TIMEOUT_S,
                  model_path: str | None = None, remote_tmp: str = "/tmp", log_dir: str | None = None,
@@ -188,9 +188,13 @@ class SSHLauncher:
             raise KitError("SSHLauncher: no device given (pass it to SSHLauncher(device) or to the call)")
         return device or self.device
 
+    def target(self, device: Device | None = None) -> SSHTarget:
+        """The device's SSH path as OpenSSH resolves it (`ssh -G`, jump hosts included), without connecting."""
+        return resolve_target(self._dev(device), **self.target_opts)
+
     def connect(self, device: Device | None = None) -> SSHConnection:
         """A new open connection to `device` (KitError naming device and host if it fails)."""
-        return SSHConnection(resolve_target(self._dev(device), **self.target_opts), self.connect_timeout).open()
+        return SSHConnection(self.target(device), self.connect_timeout).open()
 
     def run_json(self, argv: list[str] | str, device: Device | None = None, timeout: float = RUN_TIMEOUT_S) -> dict:
         """Run `argv` on the device and return its stdout parsed as JSON."""
@@ -205,8 +209,18 @@ class SSHLauncher:
             path = device.model_path or model_path or self.model_path
             if path:
                 conn.check_model_path(path)
-            return {"device": device.name, "where": conn.target.where, "python": self.python or device.python,
+            return {**conn.target.to_dict(), "python": self.python or device.python,
                     "python_version": py, "kit_version": kit, "model_path": path}
+
+    def _bind_address(self, conn: SSHConnection, device: Device) -> str:
+        """Where the worker listens: `bind` if given, else the inventory's address, else the address SSH reached."""
+        if self.bind:
+            return self.bind
+        if device.address:
+            return device.address
+        rc, out, _ = conn.run("echo $SSH_CONNECTION", 30)  # "client_ip client_port server_ip server_port"
+        parts = out.split()
+        return parts[2] if rc == 0 and len(parts) == 4 else "0.0.0.0"
 
     def start(self, device: Device | None = None, token: bytes = b"", port: int = 0,
               model_path: str | None = None) -> SSHWorkerHandle:
@@ -236,7 +250,7 @@ class SSHLauncher:
                 f.chmod(0o600)  # before any byte of the token is written
                 f.write(token.hex().encode())
             argv = ["env", "PYTHONUNBUFFERED=1", "setsid", "nohup",
-                    *worker_command(python, port, token_file, self.bind)]
+                    *worker_command(python, port, token_file, self._bind_address(conn, device))]
             # A simple command in the background: $! is the pid that setsid turns into the group leader.
             cmd = (f"{shlex.join(argv)} > {shlex.quote(remote_dir)}/stdout.log 2> {shlex.quote(remote_dir)}"
                    f"/worker.log < /dev/null & echo $!")
@@ -278,7 +292,7 @@ class SSHLauncher:
 
 def check_devices(testbed: Testbed, names: list[str] | None = None, model_path: str | None = None,
                   **opts: Any) -> list[dict]:
-    """`ssh check`: per launch: ssh device (or each of `names`), SSHLauncher.check's dict, or {device, error}.
+    """`ssh check`: per launch: ssh device (or each of `names`), SSHLauncher.check's dict, or {device, error[, path]}.
 
     `opts` are SSHLauncher's keyword options (ssh_config, known_hosts, accept_new_host_keys, connect_timeout);
     on an emulated (netns) testbed each device's address, key and known_hosts come from the testbed's state.
@@ -290,8 +304,14 @@ def check_devices(testbed: Testbed, names: list[str] | None = None, model_path: 
         dev_opts = {k: v for k, v in resolve_ssh(testbed, dev).items() if v is not None} \
             if testbed.emulation == "netns" else {}
         dev_opts.update({k: v for k, v in opts.items() if v is not None})
+        launcher = SSHLauncher(**dev_opts)
         try:
-            out.append(SSHLauncher(**dev_opts).check(dev, model_path=model_path))
+            out.append(launcher.check(dev, model_path=model_path))
         except KitError as e:
-            out.append({"device": name, "error": str(e)})
+            row = {"device": name, "error": str(e)}
+            try:
+                row["path"] = launcher.target(dev).to_dict()["path"]  # where it failed along the way
+            except KitError:
+                pass  # the path itself did not resolve: the error says why
+            out.append(row)
     return out

@@ -22,6 +22,7 @@ MAGIC = b"ESK1"
 PREFIX = struct.Struct("!4sIQ")  # magic, header length (bytes), payload length (bytes)
 MAX_HEADER = 1 << 20  # 1 MiB of JSON is far more than any header needs
 MAX_PAYLOAD = 1 << 31  # 2 GiB: a frame larger than this is refused before allocating
+HANDSHAKE_HEADER = 4096  # before authentication only header-only frames of at most 4 KiB are read
 SOCK_BUF = 4 << 20  # socket send/receive buffer, bytes
 SEND_CHUNK = 1 << 20  # bytes per sendall; the shaper meters each chunk
 
@@ -87,23 +88,27 @@ def _read_exact(readinto: Callable[[memoryview], int], view: memoryview) -> None
         got += k
 
 
-def read_frame_from(readinto: Callable[[memoryview], int], max_payload: int = MAX_PAYLOAD) -> tuple[Frame, int]:
-    """Read one frame through `readinto` (like socket.recv_into); return it and its size in bytes."""
+def read_frame_from(readinto: Callable[[memoryview], int], max_payload: int = MAX_PAYLOAD,
+                    max_header: int = MAX_HEADER) -> tuple[Frame, int]:
+    """Read one frame through `readinto` (like socket.recv_into); return it and its size in bytes.
+
+    Every malformed frame raises ProtocolError (never RecursionError, RuntimeError, ...).
+    """
     pre = bytearray(PREFIX.size)
     _read_exact(readinto, memoryview(pre))
     magic, hlen, plen = PREFIX.unpack(pre)
     if magic != MAGIC:
         raise ProtocolError(f"bad magic {bytes(magic)!r} (not an edgeshard peer)")
-    if hlen > MAX_HEADER or hlen == 0:
-        raise ProtocolError(f"frame header length {hlen} is out of range (1..{MAX_HEADER})")
+    if hlen > min(max_header, MAX_HEADER) or hlen == 0:
+        raise ProtocolError(f"frame header length {hlen} is out of range (1..{min(max_header, MAX_HEADER)})")
     if plen > max_payload:
         raise ProtocolError(f"frame payload of {plen} bytes exceeds the maximum {max_payload}")
     hb = bytearray(hlen)
     _read_exact(readinto, memoryview(hb))
     try:
         head = json.loads(hb)
-    except (ValueError, UnicodeDecodeError):
-        raise ProtocolError("frame header is not valid JSON") from None
+    except (ValueError, RecursionError):
+        raise ProtocolError("frame header is not valid JSON (or nested too deeply)") from None
     if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
         raise ProtocolError("frame header lacks a string 'kind'")
     kind = head.pop("kind")
@@ -126,10 +131,15 @@ def read_frame_from(readinto: Callable[[memoryview], int], max_payload: int = MA
         itemsize = torch.empty((), dtype=dtype).element_size()
         if numel * itemsize != plen:
             raise ProtocolError(f"payload of {plen} bytes does not match shape {shape} of {DTYPE_NAMES[dtype]}")
+        if any(s > max_payload for s in shape):  # a zero-size tensor with huge dims overflows torch's strides
+            raise ProtocolError(f"frame header has a dimension over {max_payload} in shape {shape}")
         buf = torch.empty(plen, dtype=torch.uint8)
         if plen:
             _read_exact(readinto, memoryview(buf.numpy()))
-        tensor = buf.view(dtype).reshape(shape)
+        try:
+            tensor = buf.view(dtype).reshape(shape)
+        except (RuntimeError, ValueError, OverflowError) as e:
+            raise ProtocolError(f"frame tensor of shape {shape} cannot be built: {str(e)[:100]}") from None
     elif plen:
         raise ProtocolError("frame has payload bytes but no dtype/shape")
     return Frame(kind, head, tensor), PREFIX.size + hlen + plen
@@ -223,17 +233,27 @@ class Connection:
             self.msgs_sent += 1
         return n
 
-    def recv(self) -> Frame:
-        """Read one frame (exact-size reads); ProtocolError on garbage or EOF mid-frame."""
+    def recv(self, deadline: float | None = None, max_payload: int | None = None,
+             max_header: int = MAX_HEADER) -> Frame:
+        """Read one frame (exact-size reads); ProtocolError on garbage or EOF mid-frame.
+
+        `deadline` (time.monotonic()): the whole frame must arrive by then, across all reads (socket.timeout).
+        """
         first: list[float] = []
 
         def readinto(view: memoryview) -> int:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise socket.timeout("deadline passed")
+                self.sock.settimeout(left)
             k = self.sock.recv_into(view)
             if not first:
                 first.append(time.perf_counter())  # the frame began to arrive: time before this was idle
             return k
 
-        frame, n = read_frame_from(readinto, self.max_payload)
+        limit = self.max_payload if max_payload is None else max_payload
+        frame, n = read_frame_from(readinto, limit, max_header)
         self.last_transfer_s = time.perf_counter() - first[0]
         self.last_frame_bytes = n
         self.bytes_received += n
@@ -262,15 +282,17 @@ def _mac(token: bytes, nonce: bytes, role: str) -> bytes:
 def authenticate(conn: Connection, token: bytes, role: str, timeout: float = 10.0) -> None:
     """Mutual HMAC-SHA256 challenge-response: each side proves HMAC(token, peer_nonce || own role).
 
-    `role` is "client" (the side that connected) or "server"; AuthError if the peer fails.
+    `role` is "client" (the side that connected) or "server"; AuthError if the peer fails. `timeout` bounds
+    the whole handshake (one deadline across all reads), and its frames may only be small and header-only.
     """
     peer_role = {"client": "server", "server": "client"}[role]
     old = conn.sock.gettimeout()
     conn.settimeout(timeout)
+    deadline = time.monotonic() + timeout
     try:
         nonce = secrets.token_bytes(32)
         conn.send(Kind.HELLO, nonce=nonce.hex(), role=role)
-        hello = conn.recv()
+        hello = conn.recv(deadline, max_payload=0, max_header=HANDSHAKE_HEADER)
         if hello.kind != Kind.HELLO or hello.get("role") != peer_role or not isinstance(hello.get("nonce"), str):
             raise AuthError("peer did not start the handshake")
         try:
@@ -280,7 +302,7 @@ def authenticate(conn: Connection, token: bytes, role: str, timeout: float = 10.
         if len(peer_nonce) < 16 or peer_nonce == nonce:
             raise AuthError("peer sent a weak nonce")
         conn.send(Kind.PROOF, mac=_mac(token, peer_nonce, role).hex())
-        proof = conn.recv()
+        proof = conn.recv(deadline, max_payload=0, max_header=HANDSHAKE_HEADER)
         mac = proof.get("mac") if proof.kind == Kind.PROOF else None
         want = _mac(token, nonce, peer_role).hex()
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), want.encode()):
@@ -311,3 +333,11 @@ def connect(host: str, port: int, token: bytes, timeout: float = 10.0, shaper: L
     sock.settimeout(None)
     return conn
 
+
+def accept(conn: Connection, token: bytes, timeout: float = 10.0) -> Frame:
+    """The server's side of a new connection: the handshake and the first frame (ROLE), all within `timeout`."""
+    deadline = time.monotonic() + timeout
+    authenticate(conn, token, "server", timeout)
+    first = conn.recv(deadline, max_payload=0, max_header=HANDSHAKE_HEADER)
+    conn.settimeout(None)
+    return first

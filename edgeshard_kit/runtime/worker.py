@@ -24,15 +24,18 @@ import torch
 from edgeshard_kit.model.generate import sample_next
 from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.protocol import Kind, ProtocolError, Role, StageConfig, listening_line, read_token_file
+from edgeshard_kit.runtime.protocol import (ACT_TOKENS_MAX, CONTROL_MAX, HANDSHAKE_S, IDLE_EXIT_S, MAX_PENDING, PROBE_MAX,
+                                            Kind, ProtocolError, Role, StageConfig, listening_line, read_token_file)
 
 # A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
 # switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
 SWITCH_INTERVAL_S = 0.0002
+ACCEPT_BACKOFF_S = 0.2  # pause after accept() fails (e.g. EMFILE) before trying again
 
 
 def _log(msg: str) -> None:
-    print(f"[worker {os.getpid()}] {msg}", file=sys.stderr, flush=True)  # stderr is the worker's log file
+    sys.stderr.write(f"[worker {os.getpid()}] {msg}\n")  # stderr is the worker's log file; one write per line
+    sys.stderr.flush()
 
 
 def _rss() -> int:
@@ -42,8 +45,10 @@ def _rss() -> int:
 class Worker:
     """One stage of the chain: control from the coordinator, activations in from the previous stage, out to the next."""
 
-    def __init__(self, token: bytes, bind: str = "0.0.0.0", port: int = 0):
-        self.token = token
+    def __init__(self, token: bytes, bind: str = "0.0.0.0", port: int = 0, handshake_s: float = HANDSHAKE_S,
+                 max_pending: int = MAX_PENDING, idle_exit_s: float = IDLE_EXIT_S):
+        self.token, self.handshake_s, self.idle_exit_s, self.started = token, handshake_s, idle_exit_s, time.monotonic()
+        self.pending = threading.BoundedSemaphore(max_pending)  # unauthenticated connections in their handshake
         self.listener = socket.create_server((bind, port), reuse_port=False, backlog=16)
         self.host, self.port = self.listener.getsockname()[:2]
         self.model: StageModel | None = None
@@ -58,7 +63,7 @@ class Worker:
         self.outbox: queue.Queue = queue.Queue()
         self.records: dict[tuple, dict] = {}
         self.lock = threading.Lock()
-        self.done = threading.Event()
+        self.done, self.configured = threading.Event(), threading.Event()  # configured: CONFIG loaded the stage
 
     @property
     def stage(self) -> int | None:
@@ -71,26 +76,45 @@ class Worker:
         self.listener.settimeout(0.5)
         threading.Thread(target=self._compute_loop, daemon=True).start()
         threading.Thread(target=self._send_loop, daemon=True).start()
+        last_err = ""
         while not self.done.is_set():
+            if self.control is None and time.monotonic() - self.started > self.idle_exit_s:
+                _log(f"no coordinator connected within {self.idle_exit_s:g} s: exiting")
+                os._exit(0)
             try:
                 sock, addr = self.listener.accept()
             except socket.timeout:
                 continue
-            threading.Thread(target=self._handle, args=(sock, addr), daemon=True).start()
+            except OSError as e:  # EMFILE, ENFILE, ENOBUFS, ...: never fatal; one line per new cause, back off
+                if str(e) != last_err:
+                    _log(f"accept failed: {e}; backing off")
+                last_err = str(e)
+                time.sleep(ACCEPT_BACKOFF_S)
+                continue
+            if not self.pending.acquire(blocking=False):
+                sock.close()  # too many unauthenticated connections at once
+                continue
+            try:
+                threading.Thread(target=self._handle, args=(sock, addr), daemon=True).start()
+            except RuntimeError as e:  # cannot start a thread: drop this one, keep serving
+                self.pending.release()
+                sock.close()
+                _log(f"dropped connection from {addr[0]}: {e}")
         self.listener.close()
 
     def _handle(self, sock: socket.socket, addr: Any) -> None:
-        conn = wire.Connection(sock)
         try:
-            wire.authenticate(conn, self.token, "server", timeout=10.0)
-            conn.settimeout(10.0)
-            first = conn.recv()
-            conn.settimeout(None)
-        except (ProtocolError, OSError) as e:
-            _log(f"dropped connection from {addr[0]}: {str(e)[:200]}")  # garbage, wrong token, truncated: keep serving
-            conn.close()
-            return
+            conn = wire.Connection(sock)
+            try:  # the handshake and the ROLE frame share one deadline; their frames are small and header-only
+                first = wire.accept(conn, self.token, self.handshake_s)
+            except (ProtocolError, OSError) as e:
+                _log(f"dropped connection from {addr[0]}: {str(e)[:200]}")  # garbage, wrong token, slow: keep serving
+                conn.close()
+                return
+        finally:
+            self.pending.release()
         role = first.get("role") if first.kind == Kind.ROLE else None
+        conn.max_payload = CONTROL_MAX if role == Role.CONTROL else PROBE_MAX if role == Role.PROBE else 0
         try:
             if role == Role.CONTROL:
                 self._control_loop(conn)
@@ -114,27 +138,42 @@ class Worker:
             self.control = conn
         while True:
             f = conn.recv()
-            if f.kind == Kind.PING:
-                conn.send(Kind.PONG, t=f.get("t"))
-            elif f.kind == Kind.CONFIG:
-                self._configure(conn, f.meta)
-            elif f.kind in (Kind.TOKENS, Kind.RELEASE):
-                self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
-            elif f.kind == Kind.STATS:
-                conn.send(Kind.STATS, **self._stats(bool(f.get("clear"))))
-            elif f.kind == Kind.PROBE_SEND:
-                conn.send(Kind.PROBE_RESULT, **self._probe_send(f.meta))
-            elif f.kind == Kind.SHUTDOWN:
-                conn.send(Kind.BYE)
-                self.done.set()
-                return
-            else:
-                conn.send(Kind.ERROR, message=f"unknown request {f.kind!r}")
+            try:
+                if not self._control_message(conn, f):
+                    return
+            except (KeyError, TypeError, ValueError, AttributeError) as e:  # a malformed request: answer, stay up
+                if isinstance(e, ProtocolError):
+                    raise
+                msg = f"bad {f.kind!r} request: {type(e).__name__}: {str(e)[:200]}"
+                _log(msg)
+                conn.send(Kind.ERROR, message=f"stage {self.stage} worker {self.host}:{self.port}: {msg}")
+
+    def _control_message(self, conn: wire.Connection, f: wire.Frame) -> bool:
+        """Serve one control request; False after SHUTDOWN."""
+        if f.kind == Kind.PING:
+            conn.send(Kind.PONG, t=f.get("t"))
+        elif f.kind == Kind.CONFIG:
+            self._configure(conn, f.meta)
+        elif f.kind in (Kind.TOKENS, Kind.RELEASE):
+            self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
+        elif f.kind == Kind.STATS:
+            conn.send(Kind.STATS, **self._stats(bool(f.get("clear"))))
+        elif f.kind == Kind.PROBE_SEND:
+            conn.send(Kind.PROBE_RESULT, **self._probe_send(f.meta))
+        elif f.kind == Kind.SHUTDOWN:
+            conn.send(Kind.BYE)
+            self.done.set()
+            return False
+        else:
+            conn.send(Kind.ERROR, message=f"unknown request {f.kind!r}")
+        return True
 
     def _data_loop(self, conn: wire.Connection) -> None:
         self.prev = conn
+        self.configured.wait()  # the activation limit, batch x tokens x hidden x 4 (float32, the widest), needs it
+        limit = min(wire.MAX_PAYLOAD, ACT_TOKENS_MAX * int(self.model.config.hidden_size) * 4)
         while True:
-            f = conn.recv()
+            f = conn.recv(max_payload=limit)
             self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
 
     def _probe_loop(self, conn: wire.Connection) -> None:
@@ -170,6 +209,7 @@ class Worker:
         except Exception as e:  # any failure to load is reported to the coordinator, not fatal to the worker
             conn.send(Kind.ERROR, message=f"stage {cfg.stage} on host {host}: {type(e).__name__}: {e}")
             return
+        self.configured.set()
         conn.send(Kind.LOADED, load_s=load_s, rss_bytes=_rss(), param_bytes=int(getattr(self.model, "param_bytes", 0)),
                   pid=os.getpid(), hostname=host, threads=torch.get_num_threads())
 
@@ -226,7 +266,8 @@ class Worker:
         s = self.sampling.get(key, {})
         if key not in self.generators:
             self.generators[key] = torch.Generator().manual_seed(int(s.get("seed") or 0) + int(mb or 0))
-        tok = sample_next(out, float(s.get("temperature") or 0.0), float(s.get("top_p") or 1.0), self.generators[key])
+        # the coordinator checked the settings (model.generate.check_sampling); a missing one is the default
+        tok = sample_next(out, float(s.get("temperature", 0.0)), float(s.get("top_p", 1.0)), self.generators[key])
         t2 = time.perf_counter()
         n = self.control.send(Kind.TOKEN, tok.to(torch.int64), **meta)
         rec.update(compute_ms=(t2 - t0) * 1e3, send_ms=(time.perf_counter() - t2) * 1e3, bytes_out=n)
@@ -275,6 +316,8 @@ class Worker:
                     peer.recv()
                     times.append((time.perf_counter() - t0) * 1e3)
                 out.append({"bytes": int(size), "ms": times[1:]})
+        except (OSError, ProtocolError) as e:  # the peer went away mid-probe: an answer, not the end of control
+            return {"error": f"probe to {req['host']}:{req['port']} failed: {e}", "results": out}
         finally:
             peer.close()
         return {"results": out}
@@ -286,13 +329,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=0, help="TCP port (0 = the OS picks; printed on stdout)")
     p.add_argument("--token-file", required=True, help="file holding the deployment token (hex, mode 0600)")
     p.add_argument("--bind", default="0.0.0.0", help="address to listen on")
+    p.add_argument("--handshake-timeout", type=float, default=HANDSHAKE_S, help="seconds for the whole handshake")
+    p.add_argument("--max-pending", type=int, default=MAX_PENDING, help="unauthenticated connections at once")
+    p.add_argument("--idle-exit", type=float, default=IDLE_EXIT_S, help="exit if no coordinator within this (s)")
 
 
 def run(args: argparse.Namespace) -> int:
     """Serve until the coordinator is done."""
     token = read_token_file(args.token_file)
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    Worker(token, args.bind, args.port).serve()
+    Worker(token, args.bind, args.port, handshake_s=args.handshake_timeout, max_pending=args.max_pending,
+           idle_exit_s=args.idle_exit).serve()
     return 0
 
 

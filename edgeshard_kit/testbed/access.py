@@ -1,4 +1,5 @@
-"""SSH connections with paramiko: ssh config aliases, keys or agent, checked host keys, remote commands, run_json, SFTP."""
+"""SSH connections with paramiko along the path `ssh -G` resolves (sshconfig.py): jump hosts, ProxyCommand, keys or
+agent, host keys checked at every hop; remote commands, run_json, SFTP."""
 
 from __future__ import annotations
 
@@ -6,16 +7,17 @@ import json
 import os
 import posixpath
 import shlex
-import socket
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import paramiko
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.testbed.hops import HopError, open_hop
+from edgeshard_kit.testbed.sshconfig import Hop, resolve_hop
 
 if TYPE_CHECKING:
     from edgeshard_kit.testbed.inventory import Device
@@ -23,89 +25,83 @@ if TYPE_CHECKING:
 CONNECT_TIMEOUT_S = 10.0   # TCP connect + SSH banner + auth, seconds
 RUN_TIMEOUT_S = 600.0      # a remote command (e.g. a profile run), seconds
 SFTP_TIMEOUT_S = 60.0      # one SFTP request, seconds
-GLOBAL_KNOWN_HOSTS = "/etc/ssh/ssh_known_hosts"
 
 
 @dataclass(frozen=True)
 class SSHTarget:
-    """Where and how to reach one device over SSH, after ~/.ssh/config and the inventory are merged."""
+    """Where and how to reach one device over SSH: the path of hops that `ssh -G` resolved (sshconfig.Hop)."""
 
     device: str
-    alias: str                   # the name the inventory gave (ssh_alias or host)
-    hostname: str                # address actually connected to
-    port: int = 22
-    user: str | None = None
-    key_files: tuple[str, ...] = ()
-    known_hosts: str = "~/.ssh/known_hosts"
-    accept_new: bool = False     # lab testbeds: accept and save unknown host keys
+    alias: str                   # the name given to ssh (the inventory's ssh_alias or host)
+    hop: Hop                     # the device's own hop; hop.via: the jump hosts before it
+    accept_new: bool = False     # lab testbeds: accept and save unknown host keys (every hop)
+
+    hostname = property(lambda self: self.hop.hostname)
+    port = property(lambda self: self.hop.port)
+    user = property(lambda self: self.hop.user)
+    key_files = property(lambda self: self.hop.key_files)
+
+    @property
+    def known_hosts(self) -> str:
+        """The known_hosts file where the device's new host keys go (the first UserKnownHostsFile)."""
+        return (self.hop.known_hosts or (os.path.expanduser("~/.ssh/known_hosts"),))[0]
+
+    @property
+    def jumps(self) -> list[Hop]:
+        """The jump hosts, the coordinator's side first."""
+        return self.hop.path()[:-1]
 
     @property
     def where(self) -> str:
-        return f"{self.user + '@' if self.user else ''}{self.hostname}:{self.port}"
+        """user@host:port, with the jump hosts when there are any."""
+        via = " -> ".join(h.where for h in self.jumps)
+        return f"{self.hop.where} via {via}" if via else self.hop.where
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "key_files": list(self.key_files)}
+        """The path as `ssh check` shows it: every hop's address, user, port, keys, known_hosts."""
+        return {"device": self.device, "alias": self.alias, "where": self.where,
+                "path": [h.describe() for h in self.hop.path()]}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "SSHTarget":
-        return cls(**{**d, "key_files": tuple(d.get("key_files", ()))})
+
+def _has_entry(name: str, ssh_config: str | None) -> bool:
+    """Whether the ssh config gives `name` a HostName of its own (an emulated testbed's Host per device)."""
+    try:
+        return resolve_hop(name, ssh_config).hostname != name
+    except KitError:
+        return True  # an entry the kit refuses: use it, so the error names it
 
 
 def resolve_target(device: "Device", ssh_config: str | None = None, known_hosts: str | None = None,
                    accept_new_host_keys: bool = False, host: str | None = None, port: int | None = None,
                    user: str | None = None, key: str | None = None, alias: str | None = None) -> SSHTarget:
-    """Merge the device's inventory fields (or explicit overrides) with its ssh config entry."""
-    cfg_path = Path(os.path.expanduser(ssh_config or "~/.ssh/config"))
-    if ssh_config and not cfg_path.is_file():
+    """The device's path as OpenSSH resolves it (`ssh -G`), with the inventory's fields (or overrides) on top."""
+    if ssh_config and not Path(os.path.expanduser(ssh_config)).is_file():
         raise KitError(f"device {device.name}: ssh config file {ssh_config} does not exist")
-    config = paramiko.SSHConfig.from_path(str(cfg_path)) if cfg_path.is_file() else paramiko.SSHConfig()
     name = alias or host or device.ssh_alias or device.host
-    if not (alias or host or device.ssh_alias) and device.host == "127.0.0.1" and device.name in config.get_hostnames():
+    if not (alias or host or device.ssh_alias) and device.host == "127.0.0.1" and _has_entry(device.name, ssh_config):
         name = device.name  # an emulated testbed's ssh_config has one Host per device name
-    cfg: dict[str, Any] = config.lookup(name)
-    # Explicit fields win, as on the ssh command line; port 22 is the inventory default, so the config's counts.
-    port = port or (device.port if device.port != 22 else int(cfg.get("port", 22)))
-    keys = [key] if key else [device.key] if device.key else cfg.get("identityfile", [])
-    strict = str(cfg.get("stricthostkeychecking", "yes")).lower()
-    kh = known_hosts or (cfg.get("userknownhostsfile", "").split() or ["~/.ssh/known_hosts"])[0]
-    hostname = cfg.get("hostname", name)
-    if hostname == name and host and name != host:
-        hostname = host  # an alias without a Host entry: connect to the explicit address
-    return SSHTarget(device=device.name, alias=name, hostname=hostname, port=int(port),
-                     user=user or device.user or cfg.get("user"), key_files=tuple(os.path.expanduser(k) for k in keys),
-                     known_hosts=os.path.expanduser(kh),
-                     accept_new=accept_new_host_keys or strict in ("accept-new", "no", "off"))
-
-
-class _UnknownHostKey(paramiko.SSHException):
-    pass
-
-
-class _RejectPolicy(paramiko.MissingHostKeyPolicy):
-    def missing_host_key(self, client, hostname, key):
-        raise _UnknownHostKey(f"{hostname} {key.get_name()}")
-
-
-class _AcceptNewPolicy(paramiko.MissingHostKeyPolicy):
-    """Like AutoAddPolicy, but appends one line to known_hosts instead of rewriting the file."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def missing_host_key(self, client, hostname, key):
-        client.get_host_keys().add(hostname, key.get_name(), key)
-        os.makedirs(os.path.dirname(self.path) or ".", mode=0o700, exist_ok=True)
-        with open(self.path, "a") as f:
-            f.write(f"{hostname} {key.get_name()} {key.get_base64()}\n")
+    key = key or device.key
+    if key and not os.path.isfile(os.path.expanduser(key)):
+        raise KitError(f"device {device.name}: key file {key} does not exist")
+    # Explicit fields win, as on the ssh command line (-l, -p); port 22 is the inventory default: the config's counts.
+    try:
+        hop = resolve_hop(name, ssh_config, user or device.user, port or (device.port if device.port != 22 else None),
+                          key, os.path.expanduser(known_hosts) if known_hosts else None)
+    except KitError as e:
+        raise KitError(f"device {device.name}: {e}") from None
+    if hop.hostname == name and host and name != host and hop.via is None and hop.proxy_command is None:
+        hop = replace(hop, hostname=host)  # an alias without a Host entry: connect to the explicit address
+    return SSHTarget(device=device.name, alias=name, hop=hop, accept_new=accept_new_host_keys)
 
 
 class SSHConnection:
-    """One authenticated SSH connection to a device: run commands, run_json, SFTP; a context manager."""
+    """One authenticated SSH connection to a device (through its jump hosts): run commands, run_json, SFTP."""
 
     def __init__(self, target: SSHTarget, timeout: float = CONNECT_TIMEOUT_S):
         self.target = target
         self.timeout = timeout
         self.client: paramiko.SSHClient | None = None
+        self._jumps: list[paramiko.SSHClient] = []
         self._sftp: paramiko.SFTPClient | None = None
         self._lock = threading.Lock()
         # paramiko's SFTPClient matches replies to requests without locking: one SFTP request at a time.
@@ -115,48 +111,17 @@ class SSHConnection:
         return KitError(f"device {self.target.device} ({self.target.where}): {what}")
 
     def open(self) -> "SSHConnection":
-        """Connect and authenticate; KitError naming device and host on any failure."""
-        t = self.target
-        client = paramiko.SSHClient()
-        default = t.known_hosts == os.path.expanduser("~/.ssh/known_hosts")  # an explicit file is the only one
-        for path in (t.known_hosts, GLOBAL_KNOWN_HOSTS) if default else (t.known_hosts,):
-            if os.path.isfile(path):
-                client.load_system_host_keys(path)  # one HostKeys object: loading again adds, never replaces
-        client.set_missing_host_key_policy(_AcceptNewPolicy(t.known_hosts) if t.accept_new else _RejectPolicy())
+        """Connect and authenticate every hop; KitError naming the device, its path and the failing hop."""
+        opened: list[paramiko.SSHClient] = []
         try:
-            client.connect(t.hostname, port=t.port, username=t.user, key_filename=list(t.key_files) or None,
-                           timeout=self.timeout, banner_timeout=self.timeout, auth_timeout=self.timeout,
-                           allow_agent=True, look_for_keys=not t.key_files)
-        except _UnknownHostKey:
-            client.close()
-            raise self._err(f"host key unknown (not in {t.known_hosts}); check and accept it once with "
-                            f"`ssh -p {t.port} {t.user + '@' if t.user else ''}{t.hostname}`, or set "
-                            f"accept_new_host_keys=True for a lab testbed") from None
-        except paramiko.BadHostKeyException:
-            client.close()
-            raise self._err(f"host key differs from the one in {t.known_hosts}: possible man-in-the-middle, "
-                            f"or the host was reinstalled (remove the old line with ssh-keygen -R)") from None
-        except paramiko.AuthenticationException:
-            client.close()
-            keys = ", ".join(t.key_files) or "agent / default keys"
-            raise self._err(f"SSH authentication failed for user {t.user or os.environ.get('USER', '?')} "
-                            f"with {keys}: is the public key in the host's authorized_keys?") from None
-        except paramiko.ssh_exception.NoValidConnectionsError:
-            client.close()
-            raise self._err("connection refused: is sshd running and the port right?") from None
-        except socket.gaierror:
-            client.close()
-            raise self._err(f"cannot resolve host name {t.hostname!r} (not an address nor an ssh config alias)") from None
-        except (socket.timeout, TimeoutError):
-            client.close()
-            raise self._err(f"SSH connection timed out after {self.timeout:.0f} s") from None
-        except (paramiko.SSHException, EOFError, OSError) as e:
-            client.close()
-            if "banner" in str(e) or "No existing session" in str(e) or isinstance(e, EOFError):
-                raise self._err(f"no SSH answer within {self.timeout:.0f} s: the port is open but no SSH server "
-                                f"answered (wrong port, or the host is overloaded)") from None
-            raise self._err(f"SSH connection failed: {e}") from None
-        self.client = client
+            client = open_hop(self.target.hop, self.target.accept_new, self.timeout, opened)
+        except HopError as e:
+            for c in reversed(opened):
+                c.close()
+            if e.hop is self.target.hop:
+                raise self._err(e.what) from None
+            raise self._err(f"jump host {e.hop.name} ({e.hop.where}): {e.what}") from None
+        self.client, self._jumps = client, opened[:-1]
         return self
 
     def __enter__(self) -> "SSHConnection":
@@ -166,13 +131,16 @@ class SSHConnection:
         self.close()
 
     def close(self) -> None:
-        """Close SFTP and the connection; idempotent."""
+        """Close SFTP, the connection and its jump hosts' connections; idempotent."""
         if self._sftp is not None:
             self._sftp.close()
             self._sftp = None
         if self.client is not None:
             self.client.close()
             self.client = None
+        for jump in reversed(self._jumps):
+            jump.close()
+        self._jumps = []
 
     @property
     def sftp(self) -> paramiko.SFTPClient:
@@ -186,6 +154,7 @@ class SSHConnection:
     def _client(self) -> paramiko.SSHClient:
         if self.client is None or not self.client.get_transport() or not self.client.get_transport().is_active():
             self._sftp = None
+            self.close()
             self.open()
         return self.client
 
@@ -278,5 +247,5 @@ def run_json(device: "Device", argv: list[str] | str, timeout: float = RUN_TIMEO
         return conn.run_json(argv, timeout)
 
 
-__all__ = ["SSHTarget", "SSHConnection", "resolve_target", "connect", "run_json", "CONNECT_TIMEOUT_S",
+__all__ = ["Hop", "SSHTarget", "SSHConnection", "resolve_target", "connect", "run_json", "CONNECT_TIMEOUT_S",
            "RUN_TIMEOUT_S"]

@@ -18,7 +18,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 _DEVICE_KEYS = {
     "name", "type", "memory", "source", "cloud", "launch", "host", "port", "user", "key",
-    "ssh_alias", "python", "model_path", "worker_port", "cpus", "cpu_quota", "mem_limit", "address",
+    "ssh_alias", "python", "model_path", "worker_port", "cpus", "cpu_quota", "mem_limit", "address", "via",
 }
 _LINK_KEYS = {"src", "dst", "mbps", "latency_ms"}
 _TOP_KEYS = {"name", "description", "devices", "links", "emulation"}
@@ -69,6 +69,7 @@ class Device:
     mem_limit_bytes: int | None = None  # netns: cgroup memory limit (bytes)
     cloud: bool = False                 # a cloud server rather than an edge device (plots, docs)
     address: str | None = None          # netns: this device's address inside the kit's subnet
+    via: str | None = None              # netns: reachable only through this (gateway) device: SSH by ProxyJump
 
     def threads(self) -> int | None:
         """Torch threads for this device's profile and workers (the same for both, so profiles predict runs).
@@ -87,7 +88,7 @@ class Device:
         out: dict[str, Any] = {"name": self.name, "type": self.type, "memory": format_size(self.memory_bytes)}
         defaults = Device(name="", type="", memory_bytes=0)
         for f in ("source", "cloud", "launch", "host", "port", "user", "key", "ssh_alias", "python",
-                  "model_path", "worker_port", "cpu_quota", "address"):
+                  "model_path", "worker_port", "cpu_quota", "address", "via"):
             v = getattr(self, f)
             if v != getattr(defaults, f):
                 out[f] = v
@@ -113,6 +114,12 @@ class Testbed:
     subnet: str | None = None           # netns: private subnet of the namespaces, e.g. 10.77.0.0/24
     path: str | None = None             # file it was loaded from (not written by to_dict)
     description: str = ""
+    gateways: tuple[tuple[str, str], ...] = ()  # netns: (gateway device, the subnet behind it) for `via` devices
+
+    @property
+    def gateway_subnets(self) -> dict[str, str]:
+        """Gateway device -> the private subnet of the devices behind it (emulation.gateways)."""
+        return dict(self.gateways)
 
     @property
     def source(self) -> Device:
@@ -154,7 +161,8 @@ class Testbed:
         out["devices"] = [dev.to_dict() for dev in self.devices]
         out["links"] = {"default": {"mbps": d["mbps"], "latency_ms": d["latency_ms"]},
                         "pairs": [ln.to_dict() for ln in self.links]}
-        out["emulation"] = {"mode": self.emulation, **({"subnet": self.subnet} if self.subnet else {})}
+        out["emulation"] = {"mode": self.emulation, **({"subnet": self.subnet} if self.subnet else {}),
+                            **({"gateways": dict(self.gateways)} if self.gateways else {})}
         return out
 
     def save(self, path: str | Path) -> Path:
@@ -170,6 +178,9 @@ class Testbed:
         d = self.to_dict()
         d["devices"] = [dev.to_dict() for dev in devices]
         d["links"]["pairs"] = [p for p in d["links"]["pairs"] if p["src"] in names and p["dst"] in names]
+        gws = {g: net for g, net in self.gateways if any(dev.via == g for dev in devices)}
+        d["emulation"].pop("gateways", None)
+        d["emulation"].update({"gateways": gws} if gws else {})
         return testbed_from_dict(d, self.path or "<testbed>")
 
 
@@ -246,6 +257,7 @@ def _device(d: Any, where: str) -> Device:
         cpu_quota=quota,
         mem_limit_bytes=None if mem_limit is None else parse_size(mem_limit, f"{where}.mem_limit"),
         address=address,
+        via=_str(d.get("via"), f"{where}.via", optional=True),
     )
 
 
@@ -316,7 +328,7 @@ def _testbed_from_dict(data: Any, where: str) -> Testbed:
         pairs.append(_link({k: v for k, v in p.items() if k not in ("src", "dst")}, w, p["src"], p["dst"]))
 
     emu = d.get("emulation") or {"mode": "app"}
-    _check_keys(emu, {"mode", "subnet"}, "emulation")
+    _check_keys(emu, {"mode", "subnet", "gateways"}, "emulation")
     mode = emu.get("mode", "app")
     if mode not in ("app", "netns", "none"):
         raise KitError(f"emulation.mode: {mode!r} is not 'app', 'netns' or 'none'")
@@ -329,22 +341,68 @@ def _testbed_from_dict(data: Any, where: str) -> Testbed:
         if not net.is_private:
             raise KitError(f"emulation.subnet: {subnet!r} is not a private network (traffic must stay inside)")
         subnet = str(net)
+    gateways = _gateways(emu.get("gateways"), devices, mode, subnet)
     if mode == "netns":
         if subnet is None:
             raise KitError("emulation.subnet: netns mode needs a private subnet, e.g. 10.77.0.0/24")
-        net = ipaddress.IPv4Network(subnet)
         seen_addr: dict[str, str] = {}
         for i, dev in enumerate(devices):
             if dev.address is None:
                 continue
+            net = ipaddress.IPv4Network(gateways[dev.via] if dev.via else subnet)
             a = ipaddress.IPv4Address(dev.address)
             if a not in net or a in (net.network_address, net.broadcast_address):
-                raise KitError(f"devices[{i}].address: {dev.address} is not a host address of {subnet}")
+                raise KitError(f"devices[{i}].address: {dev.address} is not a host address of {net}"
+                               + (f" (the subnet behind {dev.via})" if dev.via else ""))
             if dev.address in seen_addr:
                 raise KitError(f"devices[{i}].address: {dev.address} is also the address of {seen_addr[dev.address]}")
             seen_addr[dev.address] = dev.name
     return Testbed(name=name, devices=tuple(devices), links=tuple(pairs), default=default, emulation=mode,
-                   subnet=subnet, path=where, description=str(d.get("description") or ""))
+                   subnet=subnet, path=where, description=str(d.get("description") or ""),
+                   gateways=tuple(gateways.items()))
+
+
+def _gateways(raw: Any, devices: list[Device], mode: str, subnet: str | None) -> dict[str, str]:
+    """emulation.gateways ({gateway device: subnet behind it}) checked against the devices' `via` fields."""
+    names = [dev.name for dev in devices]
+    gws: dict[str, str] = {}
+    if raw is not None and not isinstance(raw, dict):
+        raise KitError("emulation.gateways: expected a mapping {gateway device: subnet behind it}")
+    for g, net_s in (raw or {}).items():
+        w = f"emulation.gateways.{g}"
+        if g not in names:
+            raise KitError(f"{w}: unknown device {g!r} (devices: {', '.join(names)})")
+        if not any(dev.via == g for dev in devices):
+            raise KitError(f"{w}: no device has via: {g}")
+        try:
+            net = ipaddress.IPv4Network(str(net_s), strict=True)
+        except ValueError:
+            raise KitError(f"{w}: {net_s!r} is not an IPv4 network such as 10.77.1.0/24") from None
+        if not net.is_private:
+            raise KitError(f"{w}: {net_s!r} is not a private network (traffic must stay inside)")
+        for other, other_net in ([("emulation.subnet", subnet)] if subnet else []) + list(gws.items()):
+            if net.overlaps(ipaddress.IPv4Network(other_net)):
+                raise KitError(f"{w}: {net} overlaps {other} ({other_net})")
+        gws[g] = str(net)
+    by_name = {dev.name: dev for dev in devices}
+    for i, dev in enumerate(devices):
+        if dev.via is None:
+            continue
+        w = f"devices[{i}].via"
+        if mode != "netns":
+            raise KitError(f"{w}: only the emulated testbed (emulation.mode netns) places devices behind others; "
+                           "for real hosts put ProxyJump in the ssh config (docs/ssh.md)")
+        if dev.via not in by_name:
+            raise KitError(f"{w}: unknown device {dev.via!r} (devices: {', '.join(names)})")
+        if dev.via == dev.name:
+            raise KitError(f"{w}: a device cannot be behind itself")
+        if by_name[dev.via].via is not None:
+            raise KitError(f"{w}: gateway {dev.via} is itself behind {by_name[dev.via].via} (one level of gateways)")
+        if dev.launch != "ssh":
+            raise KitError(f"{w}: a device behind a gateway is reached over SSH: set launch: ssh")
+        if dev.via not in gws:
+            raise KitError(f"{w}: no subnet behind {dev.via}: add emulation.gateways: {{{dev.via}: 10.77.1.0/24}}")
+    return gws
 
 
 def load_testbed(path: str | Path) -> Testbed:

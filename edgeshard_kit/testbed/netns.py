@@ -1,24 +1,28 @@
-"""The emulated testbed (root): a network namespace, cgroups (cgroups.py) and sshd (sshd.py) per device, a bridge, tc."""
+"""The emulated testbed (root): a network namespace, cgroups (cgroups.py) and sshd (sshd.py) per device, a bridge,
+devices behind gateways, tc (the network plumbing: nsnet.py); up, down, status, and how to SSH to each device."""
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
 import shutil
-import subprocess
 import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.testbed import cgroups, sshd
 from edgeshard_kit.testbed.inventory import Device, Testbed
+from edgeshard_kit.testbed.nsnet import (addresses, bridge_address, bridge_name,
+                                         check_subnets_free, gateway_side, inner_address, link_exists,
+                                         namespace_name, ns_run, routes, run, shape, veth_name)
 
-PREFIX = "es"                        # namespaces es-<testbed>-<device>; interfaces esbr*/esv*
-UNSHAPED_RATE = "10gbit"             # htb class for traffic that no link shapes (coordinator on the bridge, ARP)
+# Re-exported: netns.addresses, .bridge_address, .bridge_name, .inner_address, .namespace_name, .veth_name.
+__all__ = ["TestbedState", "testbed_up", "testbed_down", "testbed_status", "reshape", "session", "unavailable",
+           "load_state", "state_root", "resolve_ssh", "launch_opts", "addresses", "bridge_address", "bridge_name",
+           "inner_address", "namespace_name", "veth_name"]
 
 
 def state_root() -> Path:
@@ -27,43 +31,6 @@ def state_root() -> Path:
     if env:
         return Path(env)
     return Path("/var/lib/edgeshard-kit") if os.geteuid() == 0 else Path.home() / ".cache" / "edgeshard-kit"
-
-
-def _tag(tb: Testbed) -> str:
-    return hashlib.sha1(tb.name.encode()).hexdigest()[:6]  # interface names are at most 15 chars
-
-
-def namespace_name(tb: Testbed, dev: str) -> str:
-    return f"{PREFIX}-{tb.name}-{dev}"
-
-
-def bridge_name(tb: Testbed) -> str:
-    return f"{PREFIX}br{_tag(tb)}"
-
-
-def veth_name(tb: Testbed, dev: str) -> str:
-    """The host side of the device's veth pair (the namespace side is eth0); 11 chars."""
-    return f"{PREFIX}v" + hashlib.sha1(f"{tb.name}/{dev}".encode()).hexdigest()[:8]
-
-
-def addresses(tb: Testbed) -> dict[str, str]:
-    """Each device's address in the testbed subnet: its `address`, else the 10th host address on."""
-    if tb.subnet is None:
-        raise KitError(f"{tb.path or tb.name}: emulation.subnet is not set (netns mode needs one)")
-    hosts = list(ipaddress.IPv4Network(tb.subnet).hosts())
-    taken = {d.address for d in tb.devices if d.address} | {str(hosts[0])}
-    free = (str(h) for h in hosts[9:] if str(h) not in taken)
-    out = {}
-    for d in tb.devices:
-        if d.address == str(hosts[0]):
-            raise KitError(f"{tb.path or tb.name}: device {d.name}: {d.address} is the bridge's address")
-        out[d.name] = d.address or next(free)
-    return out
-
-
-def bridge_address(tb: Testbed) -> str:
-    """The bridge's address in the root namespace (first host of the subnet): the coordinator's side."""
-    return str(next(ipaddress.IPv4Network(tb.subnet).hosts()))
 
 
 @dataclass(frozen=True)
@@ -85,6 +52,7 @@ class TestbedState:
     key: str                         # client private key (user root)
     known_hosts: str
     ssh_config: str
+    via: dict[str, str] = field(default_factory=dict)   # device -> the gateway it sits behind
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,17 +60,6 @@ class TestbedState:
     @classmethod
     def from_dict(cls, d: dict) -> "TestbedState":
         return cls(**d)
-
-
-def _run(argv: list[str], check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run(argv, capture_output=True, text=True)
-    if check and proc.returncode != 0:
-        raise KitError(f"`{' '.join(argv)}` failed: {(proc.stderr or proc.stdout).strip()}")
-    return proc
-
-
-def _ns(ns: str, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
-    return _run(["ip", "netns", "exec", ns, *argv], check=check)
 
 
 def _missing_tool() -> str | None:
@@ -120,39 +77,7 @@ def _need_root(what: str) -> None:
 
 
 def _netns_list() -> set[str]:
-    return {line.split()[0] for line in _run(["ip", "netns", "list"]).stdout.splitlines() if line.strip()}
-
-
-def _link_exists(name: str) -> bool:
-    return _run(["ip", "link", "show", name], check=False).returncode == 0
-
-
-def _shape(tb: Testbed, ns: str, dev: str, addrs: dict[str, str]) -> None:
-    """htb on the namespace's eth0: one class per shaped destination (u32 filter on its address)."""
-    _ns(ns, "tc", "qdisc", "del", "dev", "eth0", "root", check=False)
-    _ns(ns, "tc", "qdisc", "add", "dev", "eth0", "root", "handle", "1:", "htb", "default", "1")
-    _ns(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", "1:1", "htb", "rate", UNSHAPED_RATE,
-        "burst", "1mb", "cburst", "1mb")
-    for j, (dst, addr) in enumerate(addrs.items()):
-        link = tb.link(dev, dst)
-        if dst == dev or not link.shaped:
-            continue
-        cls = f"1:{16 + j:x}"
-        rate = f"{int(round(link.mbps * 1000))}kbit"
-        _ns(ns, "tc", "class", "add", "dev", "eth0", "parent", "1:", "classid", cls, "htb", "rate", rate, "ceil", rate)
-        _ns(ns, "tc", "filter", "add", "dev", "eth0", "parent", "1:", "protocol", "ip", "prio", "1", "u32",
-            "match", "ip", "dst", f"{addr}/32", "flowid", cls)
-
-
-def _check_subnet_free(tb: Testbed, br: str) -> None:
-    """Refuse a subnet that overlaps an address of another interface: the testbed must stay private."""
-    net = ipaddress.IPv4Network(tb.subnet)
-    for line in _run(["ip", "-o", "-4", "addr", "show"]).stdout.splitlines():
-        parts = line.split()
-        iface, cidr = parts[1], parts[3]
-        if iface != br and ipaddress.IPv4Interface(cidr).network.overlaps(net):
-            raise KitError(f"{tb.path or tb.name}: emulation.subnet {tb.subnet} overlaps {cidr} on interface "
-                           f"{iface}; pick another private subnet")
+    return {line.split()[0] for line in run(["ip", "netns", "list"]).stdout.splitlines() if line.strip()}
 
 
 def testbed_up(tb: Testbed) -> TestbedState:
@@ -163,34 +88,43 @@ def testbed_up(tb: Testbed) -> TestbedState:
     addrs, sdir = addresses(tb), state_root() / tb.name
     prefix = ipaddress.IPv4Network(tb.subnet).prefixlen
     br, br_addr = bridge_name(tb), bridge_address(tb)
-    _check_subnet_free(tb, br)
-    if not _link_exists(br):
-        _run(["ip", "link", "add", "name", br, "type", "bridge"])
-    _run(["ip", "link", "set", "dev", br, "type", "bridge", "nf_call_iptables", "0"], check=False)
-    _run(["ip", "addr", "replace", f"{br_addr}/{prefix}", "dev", br])
-    _run(["ip", "link", "set", br, "up"])
+    check_subnets_free(tb, br)
+    if not link_exists(br):
+        run(["ip", "link", "add", "name", br, "type", "bridge"])
+    run(["ip", "link", "set", "dev", br, "type", "bridge", "nf_call_iptables", "0"], check=False)
+    run(["ip", "addr", "replace", f"{br_addr}/{prefix}", "dev", br])
+    run(["ip", "link", "set", br, "up"])
     sshd.ensure_keys(sdir, tb.name, tb.names)
-    known, cfg = sshd.write_client_files(sdir, addrs)
+    via = {d.name: d.via for d in tb.devices if d.via}
+    known, cfg = sshd.write_client_files(sdir, addrs, via)
     existing = _netns_list()
     namespaces, veths, pids, cg_dirs = {}, {}, {}, []
-    for dev in tb.devices:
+    for dev in sorted(tb.devices, key=lambda d: d.via is not None):  # a gateway's namespace before its devices
         ns, veth = namespace_name(tb, dev.name), veth_name(tb, dev.name)
         namespaces[dev.name], veths[dev.name] = ns, veth
         if ns not in existing:
-            _run(["ip", "netns", "add", ns])
-        if not _link_exists(veth):
-            _run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
-        _run(["ip", "link", "set", veth, "master", br, "up"])
-        _ns(ns, "ip", "link", "set", "lo", "up")
-        _ns(ns, "ip", "addr", "replace", f"{addrs[dev.name]}/{prefix}", "dev", "eth0")
-        _ns(ns, "ip", "link", "set", "eth0", "up")  # no default route: nothing outside the subnet is reachable
-        _shape(tb, ns, dev.name, addrs)
+            run(["ip", "netns", "add", ns])
+        net = ipaddress.IPv4Network(tb.gateway_subnets[dev.via] if dev.via else tb.subnet)
+        if dev.via:
+            gateway_side(tb, dev, ns, veth, net.prefixlen)
+        else:
+            if not link_exists(veth):
+                run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            run(["ip", "link", "set", veth, "master", br, "up"])
+        ns_run(ns, "ip", "link", "set", "lo", "up")
+        ns_run(ns, "ip", "addr", "replace", f"{addrs[dev.name]}/{net.prefixlen}", "dev", "eth0")
+        ns_run(ns, "ip", "link", "set", "eth0", "up")  # no default route: nothing outside the testbed is reachable
         procs = cgroups.setup(tb, dev)
         cg_dirs += [str(p.parent) for p in procs]
-        pids[dev.name] = sshd.start_sshd(sdir, dev.name, ns, addrs[dev.name], procs)
+        # Behind a gateway, sshd takes logins only from the gateway: SSH must come through the jump host.
+        allow = inner_address(tb, dev.via) if dev.via else None
+        pids[dev.name] = sshd.start_sshd(sdir, dev.name, ns, addrs[dev.name], procs, allow)
+    routes(tb, addrs)
+    for dev in tb.devices:
+        shape(tb, namespaces[dev.name], dev.name, addrs)
     state = TestbedState(name=tb.name, state_dir=str(sdir), bridge=br, bridge_address=br_addr, subnet=tb.subnet,
                          namespaces=namespaces, addresses=addrs, veths=veths, sshd_pids=pids, cgroups=cg_dirs,
-                         key=str(sdir / sshd.CLIENT_KEY), known_hosts=str(known), ssh_config=str(cfg))
+                         key=str(sdir / sshd.CLIENT_KEY), known_hosts=str(known), ssh_config=str(cfg), via=via)
     (sdir / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
     return state
 
@@ -202,7 +136,7 @@ def reshape(tb: Testbed) -> None:
     if state is None:
         raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
     for dev in tb.devices:
-        _shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
+        shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
 
 def unavailable() -> str | None:
@@ -256,21 +190,21 @@ def testbed_down(tb: Testbed) -> list[str]:
     # Processes first: every sshd of this testbed, then whatever still runs in its namespaces / cgroups.
     pids = set(sshd.kit_sshd_pids(sdir))
     for ns in namespaces:
-        pids |= {int(p) for p in _run(["ip", "netns", "pids", ns], check=False).stdout.split()}
+        pids |= {int(p) for p in run(["ip", "netns", "pids", ns], check=False).stdout.split()}
     pids |= cgroups.pids(cg_dirs)
     pids.discard(os.getpid())
     sshd.kill_pids(sorted(pids))
     removed += [f"process {p}" for p in sorted(pids)]
     for ns in sorted(namespaces):  # deleting a namespace deletes its eth0 and so the veth pair
-        _run(["ip", "netns", "del", ns])
+        run(["ip", "netns", "del", ns])
         removed.append(f"namespace {ns}")
     for veth in {veth_name(tb, d.name) for d in tb.devices} | set((state.veths if state else {}).values()):
         # The kernel removes a pair with its namespace, asynchronously: only a leftover gets deleted here.
-        if _link_exists(veth) and _run(["ip", "link", "del", veth], check=False).returncode == 0:
+        if link_exists(veth) and run(["ip", "link", "del", veth], check=False).returncode == 0:
             removed.append(f"veth {veth}")
     br = bridge_name(tb)
-    if _link_exists(br):
-        _run(["ip", "link", "del", br])
+    if link_exists(br):
+        run(["ip", "link", "del", br])
         removed.append(f"bridge {br}")
     removed += cgroups.remove(tb, cg_dirs)
     if sdir.is_dir():
@@ -287,16 +221,16 @@ def testbed_status(tb: Testbed) -> dict:
     """Per device: namespace present, address, sshd alive, cgroup limits, qdiscs/classes on eth0."""
     _need_root("status")
     existing, addrs, sdir = _netns_list(), addresses(tb), state_root() / tb.name
-    out = {"name": tb.name, "bridge": bridge_name(tb), "bridge_up": _link_exists(bridge_name(tb)),
+    out = {"name": tb.name, "bridge": bridge_name(tb), "bridge_up": link_exists(bridge_name(tb)),
            "bridge_address": bridge_address(tb), "state_dir": str(sdir), "devices": {}}
     for dev in tb.devices:
         ns = namespace_name(tb, dev.name)
-        info: dict = {"namespace": ns, "exists": ns in existing, "address": addrs[dev.name],
+        info: dict = {"namespace": ns, "exists": ns in existing, "address": addrs[dev.name], "via": dev.via,
                       "sshd_pid": sshd.sshd_pid(sdir, dev.name), **cgroups.limits(tb, dev)}
         if info["exists"]:
-            info["addrs"] = _ns(ns, "ip", "-brief", "addr", "show", "dev", "eth0", check=False).stdout.split()[2:]
-            info["qdiscs"] = _ns(ns, "tc", "qdisc", "show", "dev", "eth0", check=False).stdout.strip().splitlines()
-            info["classes"] = _ns(ns, "tc", "class", "show", "dev", "eth0", check=False).stdout.strip().splitlines()
+            info["addrs"] = ns_run(ns, "ip", "-brief", "addr", "show", "dev", "eth0", check=False).stdout.split()[2:]
+            info["qdiscs"] = ns_run(ns, "tc", "qdisc", "show", "dev", "eth0", check=False).stdout.strip().splitlines()
+            info["classes"] = ns_run(ns, "tc", "class", "show", "dev", "eth0", check=False).stdout.strip().splitlines()
         out["devices"][dev.name] = info
     return out
 

@@ -39,15 +39,17 @@ def ensure_keys(state_dir: Path, testbed: str, devices: list[str]) -> None:
         _keygen(state_dir / "hostkeys" / f"{dev}_ed25519", f"edgeshard-kit {testbed} {dev} host")
 
 
-def write_client_files(state_dir: Path, addresses: dict[str, str]) -> tuple[Path, Path]:
-    """known_hosts (the address and alias of every device) and ssh_config (a Host per device)."""
+def write_client_files(state_dir: Path, addresses: dict[str, str],
+                       via: dict[str, str] | None = None) -> tuple[Path, Path]:
+    """known_hosts (the address of every device) and ssh_config (a Host per device; ProxyJump for `via` devices)."""
     known, cfg = state_dir / "known_hosts", state_dir / "ssh_config"
     lines, blocks = [], []
     for dev, addr in addresses.items():
         hostpub = (state_dir / "hostkeys" / f"{dev}_ed25519.pub").read_text().split()
         lines.append(f"{addr} {hostpub[0]} {hostpub[1]}")
+        jump = f"  ProxyJump {via[dev]}\n" if via and dev in via else ""
         blocks.append(
-            f"Host {dev}\n  HostName {addr}\n  Port 22\n  User root\n"
+            f"Host {dev}\n  HostName {addr}\n  Port 22\n  User root\n{jump}"
             f"  IdentityFile {state_dir / CLIENT_KEY}\n  IdentitiesOnly yes\n"
             f"  UserKnownHostsFile {known}\n  GlobalKnownHostsFile /dev/null\n"
             f"  StrictHostKeyChecking yes\n  BatchMode yes\n  ConnectTimeout 5\n")
@@ -56,8 +58,8 @@ def write_client_files(state_dir: Path, addresses: dict[str, str]) -> tuple[Path
     return known, cfg
 
 
-def sshd_config(state_dir: Path, dev: str, address: str) -> Path:
-    """The sshd_config of one device: listen on its address only, root by the testbed key only."""
+def sshd_config(state_dir: Path, dev: str, address: str, allow_from: str | None = None) -> Path:
+    """The sshd_config of one device: listen on its address only, root by the testbed key only (from `allow_from`)."""
     path = state_dir / "run" / f"sshd_config-{dev}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -69,7 +71,8 @@ def sshd_config(state_dir: Path, dev: str, address: str) -> Path:
         "PermitRootLogin prohibit-password\nPubkeyAuthentication yes\nPasswordAuthentication no\n"
         "KbdInteractiveAuthentication no\nUsePAM no\nStrictModes no\nPrintMotd no\nUseDNS no\n"
         "X11Forwarding no\nAllowTcpForwarding yes\nMaxStartups 100:30:200\nMaxSessions 50\n"
-        "Subsystem sftp internal-sftp\n")
+        "Subsystem sftp internal-sftp\n"
+        + (f"AllowUsers root@{allow_from}\n" if allow_from else ""))
     return path
 
 
@@ -88,15 +91,19 @@ def sshd_pid(state_dir: Path, dev: str) -> int | None:
     return None
 
 
-def start_sshd(state_dir: Path, dev: str, namespace: str, address: str, cgroup_procs: list[Path]) -> int:
-    """Start the device's sshd in its namespace and cgroups (children inherit both); return its pid."""
+def start_sshd(state_dir: Path, dev: str, namespace: str, address: str, cgroup_procs: list[Path],
+               allow_from: str | None = None) -> int:
+    """Start the device's sshd in its namespace and cgroups (children inherit both); return its pid.
+
+    `allow_from`: the only client address sshd accepts (a device behind a gateway: the gateway's).
+    """
     pid = sshd_pid(state_dir, dev)
     if pid is not None:
         return pid
     if not os.path.exists(SSHD):
         raise KitError(f"{SSHD} is missing: install openssh-server (`make sysdeps` as root)")
     Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege-separation directory
-    cfg = sshd_config(state_dir, dev, address)
+    cfg = sshd_config(state_dir, dev, address, allow_from)
     pid_file(state_dir, dev).unlink(missing_ok=True)
 
     def _enter_cgroups() -> None:  # runs in the child before exec: sshd and its children stay inside
