@@ -5,16 +5,11 @@ import pytest
 import torch
 
 from edgeshard_kit.runtime.deployment import deploy
-from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.core.units import Stage
+from helpers import plan_of
 
 PROMPTS = ["hello world", "a b c", "the cat sat", "x"]
 NEW = 6
-
-
-def _plan(*stages):
-    return Plan("latency", tuple(Stage(*s) for s in stages), 0.0, 0.0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +39,7 @@ def _children_pids(dep):
 @pytest.fixture(scope="module")
 def two_workers(ckpt, local_testbed):
     """Two workers; the head (last unit) runs on the worker that is not the source."""
-    dep = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), ckpt)
+    dep = deploy(plan_of(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), ckpt)
     yield dep
     dep.close()
 
@@ -52,7 +47,7 @@ def two_workers(ckpt, local_testbed):
 @pytest.fixture(scope="module")
 def three_workers_head_on_source(ckpt, local_testbed):
     """Three workers; the head runs on the source device again (its own worker there)."""
-    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 4), ("d0", 4, 6)), local_testbed(2), ckpt)
+    dep = deploy(plan_of(("d0", 0, 2), ("d1", 2, 4), ("d0", 4, 6)), local_testbed(2), ckpt)
     yield dep
     dep.close()
 
@@ -118,7 +113,7 @@ def test_records_are_dataframe_ready(two_workers):
 
 
 def test_close_leaves_no_worker(ckpt, local_testbed):
-    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 6)), local_testbed(2), ckpt)
+    dep = deploy(plan_of(("d0", 0, 2), ("d1", 2, 6)), local_testbed(2), ckpt)
     pids = _children_pids(dep)
     with dep:
         assert dep.generate(["hi"], 2).tokens
@@ -131,8 +126,8 @@ def test_close_leaves_no_worker(ckpt, local_testbed):
 def test_deploy_rejects_bad_plans(ckpt, local_testbed, tmp_path):
     tb = local_testbed(2)
     with pytest.raises(KitError, match="source"):
-        deploy(_plan(("d1", 0, 3), ("d0", 3, 6)), tb, ckpt)
+        deploy(plan_of(("d1", 0, 3), ("d0", 3, 6)), tb, ckpt)
     with pytest.raises(KitError, match="unknown device"):
-        deploy(_plan(("d0", 0, 3), ("zz", 3, 6)), tb, ckpt)
+        deploy(plan_of(("d0", 0, 3), ("zz", 3, 6)), tb, ckpt)
     with pytest.raises(KitError, match="not a directory"):
-        deploy(_plan(("d0", 0, 6)), tb, tmp_path / "nope")
+        deploy(plan_of(("d0", 0, 6)), tb, tmp_path / "nope")

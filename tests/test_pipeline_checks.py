@@ -9,17 +9,13 @@ from edgeshard_kit.core.units import Stage
 from edgeshard_kit.model.checkpoint import load_tokenizer
 from edgeshard_kit.model.generate import check_sampling, encode_prompts, generate_split
 from edgeshard_kit.planning.build import Workload, build_problem
-from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.planning.schedule import release
 from edgeshard_kit.profiling.measure import measure_profile
 from edgeshard_kit.runtime.deployment import check_plan, deploy
 from edgeshard_kit.runtime.quickplan import prompt_workload, quick_workload
+from helpers import plan_of
 
 LONG = "a" + " a" * 2799  # 2,801 tokens with <s> (the tiny tokenizer has a token for " a")
-
-
-def _plan(*stages):
-    return Plan("latency", tuple(Stage(*s) for s in stages), 0.0, 0.0, 0.0)
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +25,7 @@ def ckpt(tiny_checkpoint_factory):
 
 @pytest.fixture(scope="module")
 def dep(ckpt, local_testbed):
-    d = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), ckpt)
+    d = deploy(plan_of(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), ckpt)
     yield d
     d.close()
 
@@ -45,7 +41,7 @@ def test_deploy_refuses_bad_plans_before_starting_workers(ckpt, local_testbed, s
     started = []
     monkeypatch.setattr("edgeshard_kit.runtime.deployment.start_workers", lambda *a: started.append(a))
     with pytest.raises(KitError, match=words):
-        deploy(_plan(*stages), local_testbed(2), ckpt)
+        deploy(plan_of(*stages), local_testbed(2), ckpt)
     assert not started
 
 

@@ -11,10 +11,9 @@ import shutil
 import pytest
 import torch
 
-from edgeshard_kit.core.units import Stage
 from edgeshard_kit.model.generate import generate_split
-from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.runtime.deployment import deploy
+from helpers import plan_of
 
 PROMPTS = ["hello world", "a b c", "the cat sat", "x"]
 NEW = 8
@@ -23,10 +22,6 @@ TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n
             "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
 RUNS = [("sequential", 1, "no-bubbles"), ("pipelined", 2, "bubbles"), ("pipelined", 2, "no-bubbles"),
         ("pipelined", 4, "bubbles"), ("pipelined", 4, "no-bubbles")]
-
-
-def _plan(*stages):
-    return Plan("latency", tuple(Stage(*s) for s in stages), 0.0, 0.0, 0.0)
 
 
 def hf_batch(ckpt, prompts, chat=False):
@@ -105,14 +100,14 @@ def chat_ckpt(base, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def eos_dep(eos_ckpt, local_testbed):
-    dep = deploy(_plan(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), eos_ckpt)
+    dep = deploy(plan_of(("d0", 0, 3), ("d1", 3, 6)), local_testbed(2), eos_ckpt)
     yield dep
     dep.close()
 
 
 @pytest.fixture(scope="module")
 def chat_dep(chat_ckpt, local_testbed):
-    dep = deploy(_plan(("d0", 0, 2), ("d1", 2, 6)), local_testbed(2), chat_ckpt)
+    dep = deploy(plan_of(("d0", 0, 2), ("d1", 2, 6)), local_testbed(2), chat_ckpt)
     yield dep
     dep.close()
 

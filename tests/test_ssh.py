@@ -21,6 +21,7 @@ from edgeshard_kit.runtime.ssh_launcher import SSHLauncher
 from edgeshard_kit.testbed.access import connect, resolve_target, run_json
 from edgeshard_kit.testbed.inventory import Device
 from edgeshard_kit.core.errors import KitError
+from helpers import free_port, keygen
 
 SSHD = "/usr/sbin/sshd"
 pytestmark = [
@@ -32,24 +33,13 @@ pytestmark = [
 PY = sys.executable  # the kit is installed (editable) in this interpreter: the "remote" python
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path
-
-
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     """A private sshd on a free port of 127.0.0.1, an ssh_config alias `box`, and a known_hosts with its key."""
     d = tmp_path_factory.mktemp("sshd")
-    host_key, key, wrong = _keygen(d / "host_ed25519"), _keygen(d / "id_ed25519"), _keygen(d / "wrong_ed25519")
+    host_key, key, wrong = keygen(d / "host_ed25519"), keygen(d / "id_ed25519"), keygen(d / "wrong_ed25519")
     (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
-    port = _free_port()
+    port = free_port()
     (d / "sshd_config").write_text(textwrap.dedent(f"""\
         Port {port}
         ListenAddress 127.0.0.1
@@ -144,7 +134,7 @@ def test_accept_new_host_keys_saves_the_key(sshd, tmp_path):
 
 
 def test_refused_port_fails_fast_with_a_clear_error(sshd):
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     t0 = time.monotonic()
     with pytest.raises(KitError, match=rf"device box0 \(root@127.0.0.1:{port}\): connection refused"):
         SSHLauncher(_device(port=port), **_opts(sshd), connect_timeout=3).connect()

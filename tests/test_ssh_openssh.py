@@ -24,6 +24,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.testbed import sshconfig
 from edgeshard_kit.testbed.access import connect, resolve_target
 from edgeshard_kit.testbed.inventory import Device
+from helpers import free_port, keygen
 
 SSHD = "/usr/sbin/sshd"
 WHY_SKIP = ("the throwaway sshd servers log in as root: needs root" if os.geteuid() != 0 else
@@ -56,17 +57,6 @@ while True:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _keygen(path: Path) -> Path:
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
-    return path
-
-
 def test_jump_specs_and_tokens_parse_as_in_openssh():
     assert sshconfig.parse_jump("gw") == (None, "gw", None)
     assert sshconfig.parse_jump("admin@gw.example.org:2222") == ("admin", "gw.example.org", 2222)
@@ -85,12 +75,12 @@ def servers(tmp_path_factory):
     if WHY_SKIP:
         pytest.skip(WHY_SKIP)
     d = tmp_path_factory.mktemp("openssh")
-    key = _keygen(d / "id_ed25519")
+    key = keygen(d / "id_ed25519")
     (d / "authorized_keys").write_text((d / "id_ed25519.pub").read_text())
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)
     out, procs = {"dir": d, "key": str(key)}, []
     for name in NAMES:
-        port, host_key = _free_port(), _keygen(d / f"host_{name}")
+        port, host_key = free_port(), keygen(d / f"host_{name}")
         (d / f"sshd_{name}").write_text(textwrap.dedent(f"""\
             Port {port}
             ListenAddress 127.0.0.1
@@ -208,7 +198,7 @@ def test_host_key_alias_names_the_known_hosts_entry(servers, tmp_path):
 
 @pytest.mark.root
 def test_proxyjump_to_a_missing_jump_host_fails_as_in_openssh(servers, tmp_path):
-    dead = _free_port()  # nothing listens there
+    dead = free_port()  # nothing listens there
     body = f"Host far\n  HostName 127.0.0.1\n  Port {servers['a']['port']}\n  ProxyJump root@127.0.0.1:{dead}\n"
     err = _agree(_config(servers, tmp_path, body), "far", connects=False)
     assert f"jump host 127.0.0.1 (root@127.0.0.1:{dead}): connection refused" in err
@@ -270,7 +260,7 @@ def test_proxycommand_tokens_expand_as_in_openssh(servers, tmp_path):
 def test_match_blocks_apply_as_in_openssh(servers, tmp_path):
     flag = tmp_path / "flag"
     body = (f'Match originalhost mbox exec "test -e {flag}"\n  Port {servers["a"]["port"]}\n'
-            f"Host mbox\n  HostName 127.0.0.1\n  Port {_free_port()}\n")
+            f"Host mbox\n  HostName 127.0.0.1\n  Port {free_port()}\n")
     cfg = _config(servers, tmp_path, body)
     _agree(cfg, "mbox", connects=False)  # no flag: the Match block does not apply, the dead port does
     flag.write_text("")
