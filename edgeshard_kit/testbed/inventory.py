@@ -198,6 +198,17 @@ def _bool(value: Any, where: str) -> bool:
     return value
 
 
+def _private_net(value: Any, where: str, example: str) -> ipaddress.IPv4Network:
+    """A private IPv4 network (the emulated testbed's traffic must stay inside), else KitError naming `where`."""
+    try:
+        net = ipaddress.IPv4Network(str(value), strict=True)
+    except ValueError:
+        raise KitError(f"{where}: {value!r} is not an IPv4 network such as {example}") from None
+    if not net.is_private:
+        raise KitError(f"{where}: {value!r} is not a private network (traffic must stay inside)")
+    return net
+
+
 def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
     if not isinstance(d, dict):
         raise KitError(f"{where}: expected a mapping, got {type(d).__name__}")
@@ -334,13 +345,7 @@ def _testbed_from_dict(data: Any, where: str) -> Testbed:
         raise KitError(f"emulation.mode: {mode!r} is not 'app', 'netns' or 'none'")
     subnet = emu.get("subnet")
     if subnet is not None:
-        try:
-            net = ipaddress.IPv4Network(str(subnet), strict=True)
-        except ValueError:
-            raise KitError(f"emulation.subnet: {subnet!r} is not an IPv4 network such as 10.77.0.0/24") from None
-        if not net.is_private:
-            raise KitError(f"emulation.subnet: {subnet!r} is not a private network (traffic must stay inside)")
-        subnet = str(net)
+        subnet = str(_private_net(subnet, "emulation.subnet", "10.77.0.0/24"))
     gateways = _gateways(emu.get("gateways"), devices, mode, subnet)
     if mode == "netns":
         if subnet is None:
@@ -374,12 +379,7 @@ def _gateways(raw: Any, devices: list[Device], mode: str, subnet: str | None) ->
             raise KitError(f"{w}: unknown device {g!r} (devices: {', '.join(names)})")
         if not any(dev.via == g for dev in devices):
             raise KitError(f"{w}: no device has via: {g}")
-        try:
-            net = ipaddress.IPv4Network(str(net_s), strict=True)
-        except ValueError:
-            raise KitError(f"{w}: {net_s!r} is not an IPv4 network such as 10.77.1.0/24") from None
-        if not net.is_private:
-            raise KitError(f"{w}: {net_s!r} is not a private network (traffic must stay inside)")
+        net = _private_net(net_s, w, "10.77.1.0/24")
         for other, other_net in ([("emulation.subnet", subnet)] if subnet else []) + list(gws.items()):
             if net.overlaps(ipaddress.IPv4Network(other_net)):
                 raise KitError(f"{w}: {net} overlaps {other} ({other_net})")
