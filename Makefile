@@ -22,10 +22,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m ipykernel install --sys-prefix --name edgeshard-kit --display-name "edgeshard-kit (.venv)"
 	touch $(STAMP)
 
-# Debian packages the emulated testbed needs (sshd, ip, tc); only when root and missing.
+# Debian packages the emulated testbed needs (sshd, ip, tc), and Chromium for the figures' static export
+# (plotly's kaleido drives it) and the browser test (Playwright drives it); only when root and missing.
 sysdeps:
 	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
 	  missing=""; \
+	  command -v chromium >/dev/null || [ -x /usr/bin/chromium ] || missing="$$missing chromium"; \
 	  command -v sshd >/dev/null || [ -x /usr/sbin/sshd ] || missing="$$missing openssh-server"; \
 	  command -v ssh >/dev/null || missing="$$missing openssh-client"; \
 	  command -v ip >/dev/null || missing="$$missing iproute2"; \
@@ -34,7 +36,8 @@ sysdeps:
 	    echo "installing Debian packages:$$missing"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	  fi; \
-	else echo "not root: skipping Debian packages (the emulated testbed needs root)"; fi
+	else echo "not root: skipping Debian packages (the emulated testbed needs root; without chromium, figures are" \
+	  "saved as HTML only and the browser test skips)"; fi
 
 demo: setup
 	$(PY) -m edgeshard_kit demo
@@ -43,8 +46,14 @@ test: setup
 	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
+# JupyterLab on notebooks/. On a lab machine: `make lab LAB_IP=0.0.0.0 LAB_PORT=8888`, or keep the loopback default
+# and reach it through an SSH tunnel (README, "Notebooks"). As root, JupyterLab needs --allow-root.
+LAB_IP ?= 127.0.0.1
+LAB_PORT ?= 8888
+LAB_ARGS ?=
 lab: setup
-	$(VENV)/bin/jupyter lab notebooks/
+	$(VENV)/bin/jupyter lab notebooks/ --ip=$(LAB_IP) --port=$(LAB_PORT) \
+	  $$([ "$$(id -u)" = "0" ] && echo --allow-root --no-browser) $(LAB_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

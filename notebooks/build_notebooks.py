@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import nbformat
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
+
+from edgeshard_kit.experiments.notebooks import KERNEL, KERNEL_DISPLAY
 
 HERE = Path(__file__).resolve().parent
 
@@ -52,9 +55,12 @@ slowest resource (the bottleneck) sets the steady-state rate.
 def build(cells: list[tuple[str, str]], title: str) -> nbformat.NotebookNode:
     """A notebook from ("md" | "params" | "code", source) pairs."""
     nb = new_notebook()
-    nb.metadata["kernelspec"] = {"name": "edgeshard-kit", "display_name": "edgeshard-kit (.venv)",
-                                 "language": "python"}
-    nb.metadata["language_info"] = {"name": "python"}
+    # What JupyterLab writes once the kernel is up (the kernelspec's names, ipykernel's language_info): stored as
+    # is, opening a notebook does not mark it modified. language_info.version is this interpreter's.
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": KERNEL_DISPLAY, "language": "python"}
+    nb.metadata["language_info"] = {"codemirror_mode": {"name": "ipython", "version": 3}, "file_extension": ".py",
+                                    "mimetype": "text/x-python", "name": "python", "nbconvert_exporter": "python",
+                                    "pygments_lexer": "ipython3", "version": platform.python_version()}
     nb.metadata["title"] = title
     for kind, src in cells:
         src = src.strip("\n")
@@ -91,6 +97,8 @@ out_dir = ""                       # results folder; empty: a new run folder und
 results_root = "../results"
 """),
     ("code", """
+import pandas as pd
+
 from edgeshard_kit.experiments import plots
 from edgeshard_kit.experiments import results
 from edgeshard_kit.experiments import steps
@@ -100,7 +108,14 @@ run = results.new_run("01_profile_testbed", steps.params_of(globals()), root=res
 checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
 testbed = steps.load_testbed(testbed_file)
 run.record(testbed=testbed, checkpoint=str(checkpoint))
-testbed.to_dict()
+pd.DataFrame(testbed.to_dict()["devices"]).fillna("")
+"""),
+    ("md", """
+Every ordered pair of devices and the link the inventory declares for it (`inf` Mbps: not shaped).
+"""),
+    ("code", """
+pd.DataFrame([{"src": a, "dst": b, "mbps": testbed.link(a, b).mbps, "latency_ms": testbed.link(a, b).latency_ms}
+              for a in testbed.names for b in testbed.names if a != b])
 """),
     ("md", """
 ## Per-unit cost on each device type
@@ -131,21 +146,43 @@ goodput of `probe_bytes`-byte messages, beside what the inventory declares.
 links = steps.probe_links(testbed, nbytes=probe_bytes)
 run.write_csv("links", links)
 run.finish()
-links
+pd.DataFrame(links)
 """),
 ]
+
+OBJECTIVES_MD = r"""
+**Three objectives, and what "throughput" means.** $L$ is a plan's per-token latency (every stage and
+transfer one after another, one micro-batch in flight) and $B$ its bottleneck (the slowest stage or link).
+
+* *latency*: the plan with the least $L$; what one request sees.
+* *throughput at K* (`objective = "throughput"`, the default): the most tokens per second with exactly $K$
+  micro-batches in flight. $K$ micro-batches go round the pipeline in $\max(L, K B)$ ms, so the plan maximises
+  $K \cdot 1000 / \max(L, K B)$ tokens/s (times the micro-batch size). With few micro-batches a long pipeline
+  never fills: a short plan with a low $L$ beats a long one with a lower $B$.
+* *steady-state throughput* (`"throughput-steady"`): the paper's dynamic programme below, the least $B$ as if the
+  pipeline were kept full. It reaches $1000 / B$ tokens/s only with $K \ge L / B$ micro-batches in flight; at a
+  smaller $K$ its many stages sit idle. It is kept, under its own name, to reproduce the paper.
+
+Switch between the last two at the default $K = 4$ and compare the readout and the table: the steady-state
+plan's "steady state" figure is never lower, and its tokens/s at $K$ never higher (at 20 Mbps to the cloud it
+has many more stages and far fewer tokens/s at $K$).
+"""
 
 NB02 = [
     ("md", """
 # 02 · Plan interactively
 
-Move the sliders: every change re-solves the placement problem and redraws the layer-to-device map, the
-predicted per-token latency and throughput beside the baselines, and the pipeline timeline.
-""" + UNITS_MD + DP_MD + BUBBLE_MD),
+Move the controls: every change re-solves the placement problem and updates, under the controls, a readout of the
+plan (its stages, predicted ms per token and tokens/s), the layer-to-device map, the predicted per-token latency
+and throughput beside the baselines, the pipeline timeline and the methods' table. The two bandwidth sliders set
+every link to or from the cloud server (*edge ↔ cloud*, the paper's main knob) and every link between two edge
+devices (*edge ↔ edge*); single links are under *advanced*. When no plan fits (a memory too small, too many
+devices off) the readout says which constraint fails and the figures are cleared.
+""" + OBJECTIVES_MD + UNITS_MD + DP_MD + BUBBLE_MD),
     ("params", """
 problem_file = ""            # a problem JSON (edgeshard plan --dump-problem); empty: the paper setting, Llama2-7B
-objective = "throughput"     # latency | throughput
-micro_batches = 4            # micro-batches in flight in the pipeline timeline
+objective = "throughput"     # latency | throughput (tokens/s at micro_batches) | throughput-steady (the paper's DP)
+micro_batches = 4            # K: micro-batches in flight (throughput at K, the timeline, the table)
 out_dir = ""                 # results folder; empty: a new run folder under results_root
 results_root = "../results"
 """),
@@ -162,15 +199,15 @@ explorer = interactive.PlanExplorer(problem, objective=objective, micro_batches=
 explorer.widget
 """),
     ("md", """
-## The first solve, as static figures
-Each change of a control re-solves and redraws in the area under the controls. Widgets need a live kernel;
-these static figures of the first solve also show in exported HTML and in papermill runs.
+## The first solve, for the record
+The widget above follows the controls; it needs a live kernel. For exported HTML and papermill runs, here is the
+first solve again as static figures and a table, and the run folder gets its CSVs and figures.
 """),
     ("code", """
 explorer.show_static()
 explorer.save(run)
 run.finish()
-explorer.summary()
+explorer.table_frame()
 """),
 ]
 
@@ -191,7 +228,7 @@ tiny_layers = 4
 tiny_hidden = 128
 testbed_file = ""                  # empty: the built-in local testbed (3 edge processes + cloud)
 cloud_mbps = 20.0                  # built-in testbed: bandwidth of the links to the cloud
-objective = "latency"              # latency | throughput
+objective = "latency"              # latency | throughput | throughput-steady (one prompt: 1 micro-batch)
 prompt = "Why does a heavy ship made of steel float on water while a small stone sinks? Explain it simply."
 chat = True                        # the prompt is a user message through the model's chat template (stops at EOS)
 max_new_tokens = 48
@@ -261,11 +298,12 @@ cloud_mbps = "2,20,200"            # cloud link bandwidths swept (Mbps)
 methods = "edgeshard-latency,edgeshard-throughput,edge-solo,cloud-edge-even,cloud-edge-opt,mem-proportional"
 prompt_len = 32                    # prompt tokens (the kit's prompts cut to this length; the paper: 32)
 max_new_tokens = 96                # tokens generated per prompt (the paper: 96)
-micro_batches = 3
-repeats = 1                        # measured generations per (method, bandwidth)
+micro_batches = 3                  # K: micro-batches in flight for every method (throughput at K)
+repeats = 3                        # measured generations per (method, bandwidth), interleaved across methods
 profile_repeats = 3                # timed repeats per profiled figure
 calibrate = True                   # measure per-stage / per-token fixed costs first and plan with them
-calibrate_repeats = 5              # generations per calibration deployment (median kept)
+calibrate_repeats = 6              # generations per calibration deployment, in interleaved windows
+probe = True                       # emulated testbed: probe every link at the model's message sizes, plan with it
 memory_share = 0.0                 # > 0: scale the testbed file's memory so the source holds this share of the model
 out_dir = ""
 results_root = "../results"

@@ -185,7 +185,8 @@ def test_cgroup_limits(tb):
     st = netns.testbed_status(tb)
     assert st["devices"]["a"]["cpu_quota"] == 0.5 and st["devices"]["a"]["sshd_pid"]
     assert st["devices"]["a"]["mem_limit_bytes"] == 768 * 2**20
-    assert any("20Mbit" in line for line in st["devices"]["a"]["classes"])
+    # each shaped link: an htb class (classification) with a tbf leaf metering it at the link's rate
+    assert any("tbf" in line and "20Mbit" in line for line in st["devices"]["a"]["qdiscs"]), st["devices"]["a"]
     sshd_pid = st["devices"]["a"]["sshd_pid"]
     assert str(sshd_pid) in (a_cpu / "cgroup.procs").read_text().split()
 
@@ -287,3 +288,80 @@ def test_via_and_gateways_are_checked_with_the_file_and_field():
     tb = testbed_from_dict(GATEWAY_TESTBED, "gw.yaml")
     assert testbed_from_dict(tb.to_dict(), "again").gateways == tb.gateways == (("g", "10.78.39.0/24"),)
     assert tb.with_devices([tb.device("a"), tb.device("g")]).gateways == ()  # no device behind g: no subnet
+
+
+# ---- `down` without a usable state.json or with an edited inventory (issue 17, item 8) -----------------------
+SMALL_TESTBED = {
+    "name": "esbroken",
+    "devices": [
+        {"name": "a", "type": "edge", "memory": "256MiB", "source": True, "launch": "ssh", "cpu_quota": 0.5},
+        {"name": "b", "type": "edge", "memory": "256MiB", "launch": "ssh", "mem_limit": "512MiB"},
+        {"name": "c", "type": "cloud", "memory": "1GiB", "launch": "ssh", "cpus": [0]},
+    ],
+    "links": {"default": {"mbps": 100, "latency_ms": 0.0}},
+    "emulation": {"mode": "netns", "subnet": "10.78.41.0/24"},
+}
+
+
+def _cli(*argv: str) -> tuple[int, str]:
+    """(exit code, stderr) of the real `edgeshard` command."""
+    res = subprocess.run([sys.executable, "-m", "edgeshard_kit", *argv], capture_output=True, text=True, timeout=300)
+    return res.returncode, res.stderr
+
+
+def _small(tmp_path, **change):
+    path = tmp_path / "esbroken.yaml"
+    path.write_text(yaml.safe_dump({**SMALL_TESTBED, **change}))
+    return path, load_testbed(path)
+
+
+@pytest.mark.parametrize("content", [b"", b'{"name": "esbroken", "namespa', b"\xff\xfe garbage", b"[]",
+                                     b'{"name": 5}'], ids=["empty", "truncated", "not-utf8", "a-list", "wrong-field"])
+def test_down_cleans_up_by_the_kits_names_when_state_json_is_unreadable(tmp_path, content):
+    path, tb = _small(tmp_path)
+    netns.testbed_down(tb)
+    netns.testbed_up(tb)
+    assert len([x for x in _leftovers(tb) if x.startswith("namespace")]) == 3
+    state = netns.state_root() / tb.name / "state.json"
+    state.write_bytes(content)
+    with pytest.raises(KitError) as e:  # every reader of the state names the file, in one line
+        netns.resolve_ssh(tb, "a")
+    assert str(state) in str(e.value) and "\n" not in str(e.value) and "testbed down" in str(e.value)
+    rc, err = _cli("testbed", "down", str(path))
+    assert rc == 0, err
+    assert _leftovers(tb) == []
+
+
+def test_down_after_the_inventory_was_edited(tmp_path):
+    """A device removed from the file between up and down goes too: state.json lists it; without state.json the
+    alias on its links names it; its cgroups lie under the testbed's."""
+    path, tb = _small(tmp_path)
+    netns.testbed_down(tb)
+    for lose_state in (False, True):
+        netns.testbed_up(tb)
+        _, edited = _small(tmp_path, devices=SMALL_TESTBED["devices"][:2])  # c removed
+        if lose_state:
+            (netns.state_root() / tb.name / "state.json").write_text("")
+        rc, err = _cli("testbed", "down", str(path))
+        assert rc == 0, err
+        assert _leftovers(tb) == [], lose_state
+        path.write_text(yaml.safe_dump(SMALL_TESTBED))
+
+
+def test_state_json_is_written_atomically(tmp_path, monkeypatch):
+    """`up` writes state.json through a temporary file renamed over it: a reader never sees a part of one."""
+    from edgeshard_kit.core import io as kio
+
+    calls = []
+    real = kio.write_text_atomic
+    monkeypatch.setattr(netns, "write_text_atomic", lambda text, p: calls.append(p) or real(text, p))
+    path, tb = _small(tmp_path, name="esatomic", emulation={"mode": "netns", "subnet": "10.78.42.0/24"})
+    netns.testbed_down(tb)
+    try:
+        st = netns.testbed_up(tb)
+        assert calls == [netns.state_root() / tb.name / "state.json"]
+        assert netns.load_state(tb) == st
+        assert not list((netns.state_root() / tb.name).glob(".state.json.*"))  # no temporary file left
+    finally:
+        netns.testbed_down(tb)
+    assert _leftovers(tb) == []

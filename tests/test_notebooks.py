@@ -105,3 +105,113 @@ def test_all_notebooks_execute(tmp_path):
     manifest = json.loads((out / "04_benchmark_vs_baselines" / "manifest.json").read_text())
     assert set(manifest["runtime_overheads"]["stage_ms"]) == {"cpu-local"}
     assert {"model", "method", "cloud_mbps", "latency_ms"} <= cols("05_paper_reproduction", "sweep")
+
+
+def test_notebooks_store_what_jupyterlab_would_write_on_open():
+    """JupyterLab fills kernelspec and language_info from the kernel once it starts; stored alike, opening a
+    notebook leaves it unmodified (the browser test checks the dirty flag itself)."""
+    from ipykernel.ipkernel import IPythonKernel
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    for name in notebooks.NOTEBOOKS.values():
+        meta = nbformat.read(NB_DIR / name, as_version=4).metadata
+        assert meta["kernelspec"] == {"name": notebooks.KERNEL, "display_name": notebooks.KERNEL_DISPLAY,
+                                      "language": "python"}
+        stored = dict(meta["language_info"])
+        kernel = dict(IPythonKernel.language_info)
+        assert stored.pop("version").split(".")[:2] == kernel.pop("version").split(".")[:2]
+        assert stored == kernel
+    spec = KernelSpecManager().get_kernel_spec(notebooks.ensure_kernel())
+    assert spec.display_name == notebooks.KERNEL_DISPLAY
+
+
+def _param_error(tmp_path, params, match, only="02", cwd=None):
+    with pytest.raises(KitError, match=match) as e:
+        notebooks.run_notebooks(out=tmp_path / "never", params=params, only=only, cwd=cwd)
+    assert "\n" not in str(e.value) and not (tmp_path / "never").exists(), "checked before anything runs"
+    return str(e.value)
+
+
+def test_parameters_are_checked_against_the_parameters_cell(tmp_path):
+    assert "micro_batches: Input should be a valid integer (got 4.5)" in _param_error(
+        tmp_path, {"*": {"micro_batches": 4.5}}, "micro_batches")
+    assert "greater than or equal to 1 (got 0)" in _param_error(tmp_path, {"02": {"micro_batches": 0}}, "micro_batches")
+    _param_error(tmp_path, {"02": {"micro_batches": True}}, "micro_batches")
+    _param_error(tmp_path, {"*": {"micro_batchs": 4}}, "no notebook has a parameter 'micro_batchs'")
+    _param_error(tmp_path, {"02": {"tokens": 4}}, "02_plan_interactive.ipynb: no parameter 'tokens'")
+    _param_error(tmp_path, {"02": {"objective": "fastest"}}, "objective: 'fastest' is not one of latency, throughput")
+    _param_error(tmp_path, {"*": {"out_dir": "x"}}, "out_dir is set by run-notebooks")
+    _param_error(tmp_path, {"04": {"cloud_mbps": "2,fast"}}, "cloud_mbps", only="04")
+    _param_error(tmp_path, {"04": {"tiny_hidden": 100}}, "multiple of 16", only="04")
+    _param_error(tmp_path, {"03": {"chat": "yes"}}, "chat: Input should be a valid boolean", only="03")
+    _param_error(tmp_path, {"05": {"models": "llama2-7b,gpt-9"}}, "models", only="05")
+    # a relative path is taken from the directory the command runs in, and the error shows it resolved
+    msg = _param_error(tmp_path, {"02": {"problem_file": "sub/p.json"}}, "problem_file", cwd=tmp_path)
+    assert str((tmp_path / "sub" / "p.json").resolve()) in msg
+    # a top-level name goes to the notebooks that declare it, each with its own type
+    ok = notebooks.resolve_params({"*": {"cloud_mbps": 20, "micro_batches": 2}}, ["02", "03", "04"])
+    assert ok["02"] == {"micro_batches": 2} and ok["03"] == {"cloud_mbps": 20.0}
+    assert ok["04"] == {"cloud_mbps": "20", "micro_batches": 2}
+
+
+def test_the_manifest_records_the_parameters_used(tmp_path, monkeypatch):
+    """A stand-in notebook 02 (prints its parameters) run through run_notebooks from another directory."""
+    nb_dir, elsewhere = tmp_path / "nbs", tmp_path / "elsewhere"
+    nb_dir.mkdir(), elsewhere.mkdir()
+    (elsewhere / "p.json").write_text("{}")
+    nb = nbformat.v4.new_notebook(metadata={"kernelspec": {"name": notebooks.KERNEL, "language": "python",
+                                                           "display_name": notebooks.KERNEL_DISPLAY}})
+    cell = nbformat.v4.new_code_cell('objective = "latency"\nmicro_batches = 4\nproblem_file = ""\nout_dir = ""')
+    cell.metadata["tags"] = ["parameters"]
+    nb.cells = [cell, nbformat.v4.new_code_cell("print(objective, micro_batches, problem_file)")]
+    nbformat.write(nb, nb_dir / notebooks.NOTEBOOKS["02"])
+    monkeypatch.chdir(elsewhere)
+    out = notebooks.run_notebooks(out=tmp_path / "run", params={"02": {"micro_batches": 3, "problem_file": "p.json"}},
+                                  only="02", nb_dir=nb_dir)
+    manifest = json.loads((out / "manifest.json").read_text())
+    used = {"objective": "latency", "micro_batches": 3, "problem_file": str(elsewhere / "p.json")}
+    assert manifest["parameters"]["params"]["02"] == used
+    executed = nbformat.read(out / "02_plan_interactive" / notebooks.NOTEBOOKS["02"], as_version=4)
+    assert executed.cells[-1].outputs[0]["text"].split() == ["latency", "3", str(elsewhere / "p.json")]
+
+
+def test_explorer_controls_readout_and_infeasible_reason():
+    """Notebook 02's widget without a browser: the group sliders, a single link, the readout, the reason."""
+    from edgeshard_kit.experiments import interactive
+    from edgeshard_kit.planning.dp import infeasible_reason
+    from edgeshard_kit.planning.objectives import solve_objective
+    from edgeshard_kit.planning.schedule import evaluate
+
+    paper = interactive.problem_for("")
+    ex = interactive.PlanExplorer(paper, objective="throughput", micro_batches=1)
+    assert "1 micro-batch in flight" in ex.readout.value and len(ex.out.outputs) == 3
+    ex.micro.value = 4
+    ex.cloud[0].value = 1000.0
+    p = ex.problem()
+    clouds = interactive.cloud_names(paper)
+    assert clouds == {"rtx0"} and ex.cloud[1].value == "1,000 Mbps"
+    assert all(p.link(a, b).mbps == 1000.0 for a in p.names for b in p.names if a != b and {a, b} & clouds)
+    assert p.link("agx0", "agx1") == paper.link("agx0", "agx1")  # edge-to-edge untouched
+    ev = evaluate(p, solve_objective(p, "throughput", 4), micro_batches=4, tokens=ex.tokens)
+    assert f"{ev.latency_ms:.1f}</span> ms/token" in ex.readout.value
+    assert f"{ev.simulations['no-bubbles'].throughput_per_s:.1f}</span> tokens/s" in ex.readout.value
+    ex.edge[0].value = 100.0
+    assert ex.problem().link("agx0", "agx1").mbps == 100.0 and ex.problem().link("agx0", "rtx0").mbps == 1000.0
+    ex.link.value = "agx2->rtx0"  # advanced: one link
+    ex.link_mbps[0].value = 1.0
+    assert ex.problem().link("agx2", "rtx0").mbps == 1.0 and ex.problem().link("agx1", "rtx0").mbps == 1000.0
+    ex.cloud[0].value = 50.0  # the group slider sets every cloud link again
+    assert ex.problem().link("agx2", "rtx0").mbps == 50.0 and ex.link_mbps[0].value == 50.0
+    ex.objective.value = "throughput-steady"
+    assert "EdgeShard-throughput (steady state)" in set(ex.summary().method)
+    # infeasible: the source cannot hold its unit; the reason is the planner's, the figures are gone
+    ex.device.value = paper.names[paper.source]
+    ex.mem.value = 0.1
+    assert ex.result["plan"] is None and "No feasible plan" in ex.readout.value
+    assert infeasible_reason(ex.problem()) in ex.result["error"]
+    assert all("application/vnd.plotly.v1+json" not in o["data"] for o in ex.out.outputs)
+    ex.mem.value = 10.0  # the source alone cannot hold Llama2-7B now
+    assert ex.result["plan"] is not None
+    for name, box in ex.on.items():  # every device off but the source
+        box.value = box.disabled
+    assert ex.result["plan"] is None and infeasible_reason(ex.problem()) in ex.result["error"]

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 import random
 
+import numpy as np
 import pytest
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning import dp
 from edgeshard_kit.planning.baselines import latency_bottleneck_frontier
@@ -111,3 +113,71 @@ def test_frontier_agrees_with_brute_force():
                        if not any(l2 <= lat and b2 <= b and (l2, b2) != (lat, b) for l2, b2 in pts)})
         got = [(round(p.latency_ms, 9), round(p.bottleneck_ms, 9)) for p in latency_bottleneck_frontier(problem)]
         assert got == want, i
+
+
+def typed_problem(rng: random.Random, n_units: int, n_types: int, per_type: int, tight: bool) -> dict:
+    """Devices in `n_types` types of up to `per_type` identical devices (the source's type too): for symmetry."""
+    d = random_problem(rng, n_units, n_types, tight)
+    d["links"]["pairs"] = []  # identical links, so devices of one type are interchangeable
+    devices = []
+    for t, proto in enumerate(d["devices"]):
+        for i in range(rng.randint(1, per_type)):
+            devices.append({**proto, "name": f"t{t}x{i}", "source": t == 0 and i == 0})
+    d["devices"] = devices
+    return d
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+@pytest.mark.parametrize("relay", [False, True])
+def test_identical_devices_agree_with_brute_force(objective, relay):
+    """Symmetry (one key per renaming of identical devices), the reuse exchange rule and the window minimum."""
+    rng = random.Random(hash(("typed", objective, relay)) % 1000)
+    key = "latency_ms" if objective == "latency" else "bottleneck_ms"
+    solved = reused = 0
+    for i in range(70):
+        n_units = rng.randint(2, 5)
+        d = typed_problem(rng, n_units, rng.randint(1, 2), 3, tight=i % 2 == 0)
+        if i % 3 == 0:  # small memories: plans must reuse devices (relay) or use many
+            for dev in d["devices"]:
+                dev["memory_bytes"] = max(u["mem_bytes"] for u in d["units"]) + rng.randint(0, 3)
+        if i % 4 == 1:  # equal unit sizes: memory no longer tells apart which units a device holds
+            for u in d["units"]:
+                u["mem_bytes"] = 1
+        problem = problem_from_dict(d)
+        if len(problem.devices) > 5:
+            continue
+        want = brute(problem, objective, relay)
+        stages = dp.solve_stages(problem, objective, relay=relay, max_states=10**6)
+        if want is None:
+            assert stages is None, (i, stages)
+            continue
+        f = figures(problem, stages)
+        assert f["feasible"], (i, f["reason"])
+        assert f[key] == pytest.approx(want, rel=1e-9, abs=1e-9), (i, stages)
+        solved += 1
+        reused += len({s.device for s in stages}) < len(stages)
+    assert solved > 20
+    if relay:
+        assert reused > 0  # some optimum really reuses a device
+
+
+def test_window_min_matches_numpy():
+    rng = np.random.default_rng(3)
+    rows = rng.uniform(0, 10, size=(40, 7))
+    rows[rng.uniform(size=rows.shape) < 0.2] = np.inf
+    win = dp._WindowMin(rows)
+    lo = 1
+    for e in range(2, 41):
+        lo = min(e - 1, lo + int(rng.integers(0, 3)))  # lo and e never decrease
+        assert np.array_equal(win.min(lo, e), rows[lo:e].min(axis=0)), (lo, e)
+
+
+def test_relay_give_up_reports_the_proven_bound():
+    rng = random.Random(5)
+    problem = problem_from_dict(typed_problem(rng, 6, 2, 3, tight=False))
+    exact = dp.solve_value(problem, "throughput", relay=True, max_states=10**6)
+    try:
+        dp.solve_value(problem, "throughput", relay=True, max_states=1)
+    except KitError as e:
+        low = float(str(e).split("at least ")[1].split(" ms")[0])
+        assert low <= exact * (1 + 1e-5)

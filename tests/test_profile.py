@@ -1,5 +1,6 @@
 """Profiles as data (round trips, pandas, errors) and the measured profiler on a tiny checkpoint."""
 
+import dataclasses
 import json
 import math
 
@@ -233,3 +234,44 @@ def test_planner_counts_the_tied_tensor_once(tied_profile):
     assert [(s.device, s.start, s.end) for s in solve(fits, "throughput", relay=True).stages] == [("a", 0, 4)]
     with pytest.raises(KitError, match="infeasible"):
         solve(problem(int(total - p.tied_bytes) - 1, 1), "latency")
+
+
+# ---- the constrained fit (profiling.fit) ---------------------------------------------------------------------------
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from edgeshard_kit.profiling.fit import fit_profile, nonneg_fit, spread_flags  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(fixed=st.floats(0, 50), per=st.floats(0, 0.5),
+       noise=st.lists(st.floats(-20, 20), min_size=4, max_size=30),
+       xs=st.lists(st.integers(1, 512), min_size=4, max_size=30))
+def test_nonneg_fit_is_never_negative_and_is_the_nnls_optimum(fixed, per, noise, xs):
+    n = min(len(noise), len(xs))
+    x, y = xs[:n], [fixed + per * xi + e for xi, e in zip(xs[:n], noise[:n])]
+    a, b = nonneg_fit(x, y)
+    assert a >= 0 and b >= 0
+    # Reference: the KKT conditions of min ||A [a b] - y||^2 s.t. a, b >= 0 (gradient 0 on a free term, >= 0 on a
+    # term held at 0), which only the optimum satisfies.
+    r = [a + b * xi - yi for xi, yi in zip(x, y)]
+    grad = (2 * sum(r), 2 * sum(ri * xi for ri, xi in zip(r, x)))
+    scale = 1e-6 * (1 + sum(abs(v) for v in y)) * (1 + max(x))
+    for term, g in zip((a, b), grad):
+        assert g >= -scale and (term == 0 or abs(g) <= scale)
+
+
+def test_fit_profile_clamps_negative_overheads_and_keeps_the_raw_ones():
+    prof = make_profile()
+    prof = dataclasses.replace(prof, overhead={"prefill_ms": -21.2, "decode_step_ms": 0.3})
+    out = fit_profile(prof)
+    assert out.overhead["prefill_ms"] == 0.0 and out.overhead["raw_prefill_ms"] == -21.2
+    assert out.overhead["decode_step_ms"] == 0.3
+
+
+def test_spread_flags_name_the_figure_whose_repeats_disagree():
+    prof = make_profile()
+    u = dataclasses.replace(prof.units[1], prefill_ms=1.0, prefill_min_ms=0.5, prefill_max_ms=2.0)
+    prof = dataclasses.replace(prof, units=(prof.units[0], u) + prof.units[2:])
+    flags = spread_flags(prof, limit=0.5)
+    assert any("unit 1" in f and "prefill" in f for f in flags)
+    assert not spread_flags(prof, limit=10.0)

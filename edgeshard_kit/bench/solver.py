@@ -6,8 +6,12 @@ import random
 import time
 
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.planning.dp import device_types, solve
+from edgeshard_kit.experiments.paper import paper_problem
+from edgeshard_kit.planning.dp import device_types, solve, solve_stages
+from edgeshard_kit.planning.plan import make_plan
 from edgeshard_kit.planning.problem import Problem, problem_from_dict
+
+RELAY_STATES = 5000  # the relay rows' state budget (the planner's default is 20 000)
 
 
 def synthetic_problem(n_units: int, types: list[tuple[str, int, float, float]], mbps_cloud: float,
@@ -52,8 +56,30 @@ def cases() -> list[tuple[str, str, Problem]]:
     ]
 
 
-def bench_solver(repeats: int = 3) -> list[dict]:
-    """Time `solve` on every case: min / median / max of `repeats` (ms), and the plan it finds."""
+def relay_cases() -> list[tuple[str, str, Problem]]:
+    """(objective, description, problem) of the relay rows: the paper's testbed (34 / 42 / 82 units x 15 devices)."""
+    return [(obj, f"relay: paper {model} at {mbps} Mbps", paper_problem(model, mbps))
+            for model, obj, mbps in [("llama2-70b", "latency", 10), ("llama2-70b", "latency", 20),
+                                     ("llama2-70b", "latency", 50), ("llama2-13b", "latency", 50),
+                                     ("llama2-7b", "throughput", 10)]]
+
+
+def _row(objective: str, what: str, problem: Problem, times: list[float], plan, status: str) -> dict:
+    times = sorted(times)
+    value = None if plan is None else round(plan.latency_ms if objective == "latency" else plan.bottleneck_ms, 3)
+    return {"objective": objective, "problem": what, "units": problem.n_units,
+            "devices": len(problem.devices), "types": len(device_types(problem)),
+            "min_ms": round(times[0], 2), "median_ms": round(times[len(times) // 2], 2),
+            "max_ms": round(times[-1], 2), "plan_devices": None if plan is None else len(plan.devices),
+            "value_ms": value, "status": status}
+
+
+def bench_solver(repeats: int = 3, relay: bool = True) -> list[dict]:
+    """Time `solve` on every case: min / median / max of `repeats` (ms), and the plan it finds.
+
+    With `relay`, also one timed run of the relay search per `relay_cases` row, with a budget of
+    `RELAY_STATES` states: status "exact", or "gave up: optimum >= X" (the bound it proved).
+    """
     if repeats < 1:
         raise KitError(f"repeats must be >= 1, got {repeats}")
     rows = []
@@ -63,10 +89,13 @@ def bench_solver(repeats: int = 3) -> list[dict]:
             t0 = time.perf_counter()
             plan = solve(problem, objective)
             times.append((time.perf_counter() - t0) * 1e3)
-        times.sort()
-        rows.append({"objective": objective, "problem": what, "units": problem.n_units,
-                     "devices": len(problem.devices), "types": len(device_types(problem)),
-                     "min_ms": round(times[0], 2), "median_ms": round(times[len(times) // 2], 2),
-                     "max_ms": round(times[-1], 2), "plan_devices": len(plan.devices),
-                     "value_ms": round(plan.latency_ms if objective == "latency" else plan.bottleneck_ms, 3)})
+        rows.append(_row(objective, what, problem, times, plan, "exact"))
+    for objective, what, problem in (relay_cases() if relay else []):
+        t0 = time.perf_counter()
+        try:
+            stages = solve_stages(problem, objective, relay=True, max_states=RELAY_STATES)
+            plan, status = make_plan(problem, stages, objective, relay=True), "exact"
+        except KitError as e:
+            plan, status = None, "gave up: optimum >= " + str(e).split("at least ")[1].split(" ms")[0] + " ms"
+        rows.append(_row(objective, what, problem, [(time.perf_counter() - t0) * 1e3], plan, status))
     return rows

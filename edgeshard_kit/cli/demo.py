@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from edgeshard_kit.cli.main import COMMANDS
-from edgeshard_kit.experiments.demo import demo, demo_config, split_check
+from edgeshard_kit.experiments.demo import demo, demo_config, latency_sanity, split_check
 from edgeshard_kit.model.generate import format_result
 
 
@@ -29,6 +29,10 @@ def _cmd_demo(args) -> int:
                testbed=args.testbed, log=lambda line: print(line, flush=True))
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\n" + out.summary.to_string(index=False))
+    print("\nmeasured columns: min / median / max of the interleaved repeats; every method at K = "
+          f"{out.tables['measurements'].micro_batches.max():g} micro-batches")
+    for line in latency_sanity(out.summary):
+        print(line)
     m = out.tables["measurements"]
     ok = m[(m.source == "measured") & (m.status == "ok")]
     print(f"\nall measured tokens equal one-device generation: {bool(ok.tokens_match.all())} ({len(ok)} runs)")

@@ -1,10 +1,13 @@
-"""The `edgeshard results` (list, show) and `edgeshard run-notebooks` commands: arguments and printing only."""
+"""The `edgeshard results` (list, show, standalone) and `edgeshard run-notebooks` commands: arguments and printing only."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from edgeshard_kit.cli.main import COMMANDS
+from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.experiments.figure_files import make_standalone
 from edgeshard_kit.experiments.notebooks import load_params, run_notebooks
 from edgeshard_kit.experiments.results import find_run, list_runs, load_run
 
@@ -15,7 +18,12 @@ def _cmd_list(args) -> int:
     if not rows:
         print(f"no runs under {args.root}/")
         return 0
-    print(pd.DataFrame(rows).drop(columns="path").to_string(index=False))
+    df = pd.DataFrame(rows).drop(columns="path")
+    if not df["error"].astype(bool).any():
+        df = df.drop(columns="error")
+    else:
+        df["error"] = df["error"].str.slice(0, 60)
+    print(df.to_string(index=False))
     return 0
 
 
@@ -24,6 +32,8 @@ def _cmd_show(args) -> int:
     m = data.pop("manifest")
     print(f"run {m.get('run_id')}  name={m.get('name')}  status={m.get('status')}  commit={m.get('git_commit')}")
     print(f"started {m.get('started_utc')}  finished {m.get('finished_utc')}")
+    if m.get("error"):
+        print(f"error: {m['error']}")
     print("parameters: " + json.dumps(m.get("parameters", {}))[:500])
     if m.get("summary"):
         print("summary: " + json.dumps(m["summary"])[:1000])
@@ -33,9 +43,23 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _cmd_standalone(args) -> int:
+    folder = find_run(args.run, args.root)
+    names = args.figures or [p.stem for p in sorted(folder.glob("*.html"))]
+    if not names:
+        raise KitError(f"{folder}: no HTML figures")
+    for name in names:
+        path = folder / (name if name.endswith(".html") else name + ".html")
+        out = make_standalone(path)
+        print(f"{out}: self-contained ({out.stat().st_size / 2**20:.1f} MiB, plotly.js inline), opens alone offline")
+    return 0
+
+
 def _cmd_run_notebooks(args) -> int:
+    # parameters are checked before any notebook runs; relative paths in them are taken from this directory
     path = run_notebooks(out=args.out, params=load_params(args.params), only=args.only, root=args.root,
-                         progress=args.progress, log=lambda line: print(line, flush=True))
+                         progress=args.progress, log=lambda line: print(line, flush=True), cwd=Path.cwd(),
+                         where=str(Path(args.params).resolve()) if args.params else "--params")
     print(f"executed notebooks and their results are in {path}")
     return 0
 
@@ -52,10 +76,18 @@ def add_parsers(sub) -> None:
     ps.add_argument("--root", default="results")
     ps.add_argument("--rows", type=int, default=5, help="rows of each CSV to print")
     ps.set_defaults(func=_cmd_show)
+    pa = rs.add_parser("standalone", help="make a run's HTML figures self-contained (plotly.js inline, ~4.8 MB "
+                                          "each): they then open alone, offline")
+    pa.add_argument("run", help="run folder, run id, or a unique prefix/suffix of it")
+    pa.add_argument("figures", nargs="*", help="figure names (default: all of the run's HTML figures)")
+    pa.add_argument("--root", default="results")
+    pa.set_defaults(func=_cmd_standalone)
     results.set_defaults(func=lambda a: (results.print_help(), 2)[1])
 
     p = sub.add_parser("run-notebooks", help=COMMANDS["run-notebooks"][1])
-    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..05 per notebook")
+    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..05 per notebook; each is "
+                                    "checked against the notebook's parameters cell before any runs; relative "
+                                    "paths are taken from the current directory")
     p.add_argument("--out", help="results folder to write (default results/<utc-time>-notebooks)")
     p.add_argument("--only", help="comma-separated notebook ids, e.g. 02,05")
     p.add_argument("--root", default="results", help="where new run folders go")

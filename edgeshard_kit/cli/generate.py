@@ -14,7 +14,10 @@ from edgeshard_kit.core.units import format_stages, n_units, parse_split
 from edgeshard_kit.model.checkpoint import load_llama_config
 from edgeshard_kit.model.generate import check_sampling, format_result, generate_split
 from edgeshard_kit.planning.plan import Plan
+from edgeshard_kit.runtime.adaptive import AdaptivePolicy
 from edgeshard_kit.runtime.deployment import RunResult, deploy
+from edgeshard_kit.planning.objectives import OBJECTIVES
+from edgeshard_kit.profiling.measure import matching_profiles
 from edgeshard_kit.runtime.quickplan import plan_for_run, prompt_workload
 from edgeshard_kit.testbed.inventory import load_testbed
 
@@ -43,7 +46,7 @@ def run_local(args: argparse.Namespace) -> int:
     total = n_units(load_llama_config(args.model).num_hidden_layers)
     ranges = parse_split(args.split, total) if args.split else [(0, total)]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-              dtype=args.dtype, device=args.device, stop_at_eos=args.stop_at_eos)
+              dtype=args.dtype, device=args.device, stop_at_eos=args.stop_at_eos, compile=args.compile)
     if args.prompt is not None:
         res = generate_split(args.model, ranges, prompts=args.prompt, chat=args.chat, **kw)
     else:
@@ -68,14 +71,17 @@ def run_on_testbed(args: argparse.Namespace) -> int:
         raise KitError(f"--micro-batches {k} must be between 1 and the number of prompts ({len(prompts)})")
     # plan for what will run: the prompts' padded length (chat template applied), their number, the new tokens
     workload = prompt_workload(args.model, prompts, k, args.max_new_tokens, chat=args.chat)
-    plan, problem = plan_for_run(args.model, tb, workload, args.dtype, args.objective, args.plan, args.profile)
+    profiles = matching_profiles(args.profile, args.compile) if args.profile else None
+    plan, problem = plan_for_run(args.model, tb, workload, args.dtype, args.objective, args.plan, profiles,
+                                 compile=args.compile)
     mode = "pipelined" if k > 1 else "sequential"
     gen = dict(temperature=args.temperature, top_p=args.top_p, seed=args.seed, chat=args.chat,
                stop_at_eos=args.stop_at_eos)
     with deploy(plan, tb, args.model, dtype=args.dtype, device_map={d.name: args.device for d in tb.devices},
-                problem=problem) as dep:
+                problem=problem, compile=args.compile,
+                adaptive=AdaptivePolicy(objective=args.objective) if args.adaptive else None) as dep:
         res = dep.generate(prompts, args.max_new_tokens, mode=mode, micro_batches=k, schedule=args.schedule, **gen)
-        print_run(res, plan, args.json)
+        print_run(res, dep.plan, args.json)  # --adaptive: the plan it ended on (the events say how it got there)
         while args.keep:
             sys.stdout.flush()  # the answer is out before we wait for the next prompt
             line = sys.stdin.readline()
@@ -89,7 +95,7 @@ def run_on_testbed(args: argparse.Namespace) -> int:
                 # refused before anything was sent (a prompt that encodes to nothing): say so, read the next one
                 print(f"edgeshard: error: {e}", file=sys.stderr, flush=True)
                 continue
-            print_run(res, plan, args.json)
+            print_run(res, dep.plan, args.json)
     return 0
 
 
@@ -103,6 +109,9 @@ def print_run(res: RunResult, plan: Plan, as_json: bool) -> None:
         print(f"[{i}] {text}tokens={toks}")
     s, p = res.summary, res.prediction
     print(f"plan: {format_stages(plan.stages)}")
+    for e in res.events:  # --adaptive: one line per re-plan event
+        move = f"moved {e['old_plan']} -> {e['new_plan']}, pause {e['pause_ms']:.1f} ms" if e["moved"] else "stayed"
+        print(f"  event at token {e['token']} ({e['cause']}): {move}; {e.get('reason') or e.get('error', '')}")
     pt = f"{s['per_token_ms']:.2f} ms" if s["per_token_ms"] is not None else "n/a"
     tput = p.get("throughput_no_bubbles_per_s", p.get("throughput_per_s", float("nan")))
     print(f"{s['mode']} (K={s['micro_batches']}, {s['schedule']}): prefill {s['prefill_ms']:.2f} ms, "
@@ -145,17 +154,25 @@ def add_parsers(sub) -> None:
     p.add_argument("--stop-at-eos", action=argparse.BooleanOptionalAction, default=None,
                    help="stop a sequence at an end-of-sequence token of generation_config.json, pad it after "
                         "(default: on with --chat, else off)")
+    p.add_argument("--compile", action="store_true",
+                   help="compiled decode: a static KV cache sized for the prompt + new tokens and torch.compile of "
+                        "each stage's decode step (CUDA graphs on GPU); the first decode step compiles (minutes on "
+                        "CPU); with --testbed, plans on compiled profiles")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     g = p.add_argument_group("distributed (workers over TCP; see docs/runtime.md)")
     g.add_argument("--testbed", default=None, help="testbed inventory YAML: run the plan on its workers")
     g.add_argument("--plan", default=None, help="plan JSON (default: profile quickly and solve for --objective)")
-    g.add_argument("--objective", default="latency", choices=["latency", "throughput"],
-                   help="objective when no --plan is given (default latency)")
+    g.add_argument("--objective", default="latency", choices=list(OBJECTIVES),
+                   help="objective when no --plan is given (default latency; throughput: the most tokens/s with "
+                        "--micro-batches in flight; throughput-steady: the paper's full-pipeline bottleneck)")
     g.add_argument("--profile", action="append", default=None,
                    help="profile JSON per device type, for planning (default: a quick measurement on this host)")
     g.add_argument("--micro-batches", type=int, default=1, help="K > 1: pipelined generation of K micro-batches")
     g.add_argument("--schedule", default="no-bubbles", choices=["bubbles", "no-bubbles"],
                    help="pipelined schedule (default no-bubbles)")
+    g.add_argument("--adaptive", action="store_true",
+                   help="re-plan while generating: a link or stage that drifts from the plan's prediction, or a "
+                        "worker that dies, moves the shards to the re-solved plan (see docs/adaptive.md)")
     g.add_argument("--keep", action="store_true",
                    help="keep the deployment after the first prompt: read more prompts from stdin until EOF")
     p.set_defaults(func=cmd_generate)

@@ -74,6 +74,10 @@ def main(argv: list[str] | None = None) -> int:
         # bug and keeps its traceback.
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         print(f"edgeshard: error: {msg}", file=sys.stderr)
+        # a run folder the command opened is recorded failed with this message (only loaded if a run was opened)
+        results = sys.modules.get("edgeshard_kit.experiments.results")
+        if results is not None:
+            results.fail_open_runs(msg)
         return 2
     except KeyboardInterrupt:
         print("edgeshard: interrupted", file=sys.stderr)

@@ -10,9 +10,9 @@ from edgeshard_kit.cli.main import COMMANDS
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import write_rows
 from edgeshard_kit.experiments.paper import CLOUD_MBPS, COLUMNS, MODELS, reproduce, summary
-from edgeshard_kit.planning.baselines import baselines, pareto, solve_constrained, solve_for_micro_batches
+from edgeshard_kit.planning.baselines import baselines, pareto, solve_constrained
 from edgeshard_kit.planning.build import RETURNS, Workload, build_problem, load_profiles
-from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.objectives import OBJECTIVES, solve_objective
 from edgeshard_kit.planning.plan import load_plan, save_plan
 from edgeshard_kit.planning.problem import Problem, load_problem, save_problem
 from edgeshard_kit.planning.schedule import evaluate, format_evaluation
@@ -52,8 +52,24 @@ def _print_pareto(front: list[dict], as_json: bool) -> None:
               f"K={r['micro_batches']:<3} devices {devs}")
 
 
+def _numbers(text: str, flag: str, cast, minimum: float) -> list:
+    """Comma-separated numbers of a flag; KitError naming the flag and the bad entry."""
+    out = []
+    for item in text.split(","):
+        try:
+            v = cast(item.strip())
+        except ValueError:
+            raise KitError(f"{flag}: {item.strip()!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if not v >= minimum or v != v or v == float("inf"):
+            raise KitError(f"{flag}: {item.strip()} must be >= {minimum:g} and finite")
+        out.append(v)
+    return out
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     """`edgeshard plan`: solve (or load) a plan, evaluate it (and the baselines), print text or JSON."""
+    k_given = args.micro_batches is not None  # throughput means "at K micro-batches" only where K is given
+    args.micro_batches = 1 if args.micro_batches is None else args.micro_batches
     if args.micro_batches < 1 or args.tokens < 1:
         raise KitError("--micro-batches and --tokens must be >= 1")
     if args.batch is None:
@@ -65,21 +81,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
         if not (args.out or args.evaluate or args.json or args.baselines or args.pareto):
             return 0
     if args.pareto:
-        _print_pareto(pareto(problem, tuple(int(k) for k in args.pareto.split(",")), tokens=args.tokens), args.json)
+        ks = tuple(int(k) for k in _numbers(args.pareto, "--pareto", int, minimum=1))
+        _print_pareto(pareto(problem, ks, tokens=args.tokens), args.json)
         return 0
     if args.evaluate:
         plan = load_plan(args.evaluate)
     elif args.max_latency_ms is not None:
         plan = solve_constrained(problem, max_latency_ms=args.max_latency_ms)
-    elif args.fit_micro_batches:
-        plan = solve_for_micro_batches(problem, args.micro_batches)
+    elif args.fit_micro_batches or (args.objective == "throughput" and k_given and not args.relay):
+        plan = solve_objective(problem, "throughput", args.micro_batches)
     else:
-        plan = solve(problem, args.objective, relay=args.relay)
-    evs = [evaluate(problem, plan, args.micro_batches, args.tokens)]
+        plan = solve_objective(problem, args.objective, relay=args.relay)
+    try:
+        evs = [evaluate(problem, plan, args.micro_batches, args.tokens)]
+    except KitError as e:  # a plan file that does not fit the problem: name the file
+        if not args.evaluate:
+            raise
+        raise KitError(f"{args.evaluate}: {e}") from None
     if args.out:
         save_plan(plan, args.out)
     if args.baselines:
-        evs += [evaluate(problem, b, args.micro_batches, args.tokens) for b in baselines(problem, args.objective)]
+        evs += [evaluate(problem, b, args.micro_batches, args.tokens) for b in baselines(problem, "latency" if args.objective == "latency" else "throughput")]
     if args.json:
         dicts = [e.to_dict(timelines=args.timeline) for e in evs]
         keep = dicts[0] if not args.baselines else {"plan": dicts[0], "baselines": dicts[1:]}
@@ -95,8 +117,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
 def cmd_reproduce(args: argparse.Namespace) -> int:
     """`edgeshard reproduce-paper`: simulate the paper's experiments, print the summary, write the CSV."""
     models = tuple(m.strip() for m in args.models.split(",") if m.strip())
-    mbps = tuple(float(x) for x in args.cloud_mbps.split(","))
-    rows = reproduce(models, mbps, tokens=args.tokens)
+    mbps = tuple(_numbers(args.cloud_mbps, "--cloud-mbps", float, minimum=1e-9))
+    if args.micro_batches is not None and args.micro_batches < 1:
+        raise KitError(f"--micro-batches: {args.micro_batches} must be >= 1")
+    rows = reproduce(models, mbps, tokens=args.tokens, micro_batches=args.micro_batches)
     p = write_rows(rows, args.out, COLUMNS)
     print(summary(rows))
     print(f"wrote {p} ({len(rows)} rows)")
@@ -116,13 +140,17 @@ def _add_plan(sub) -> None:
                    help="what the last stage sends back: tokens (the runtime: 8 bytes a sequence, default) or "
                         "logits (the paper's model)")
     p.add_argument("--dump-problem", metavar="OUT.json", help="write the problem built from profiles + testbed")
-    p.add_argument("--objective", choices=("latency", "throughput"), default="latency")
+    p.add_argument("--objective", choices=OBJECTIVES, default="latency",
+                   help="latency (default); throughput: the most tokens/s with --micro-batches in flight; "
+                        "throughput-steady: the paper's DP, the smallest bottleneck of a full pipeline")
     p.add_argument("--relay", action="store_true", help="a device may run several non-contiguous stages")
-    p.add_argument("--micro-batches", type=int, default=1, help="micro-batches in flight (timeline, workload)")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="micro-batches in flight (timeline, workload; default 1); with --objective throughput the "
+                        "plan is the best for this many")
     p.add_argument("--tokens", type=int, default=8, help="tokens per micro-batch in the simulated timeline")
     p.add_argument("--max-latency-ms", type=float, help="best throughput with per-token latency <= this")
     p.add_argument("--fit-micro-batches", action="store_true",
-                   help="best throughput with exactly --micro-batches in flight (short pipelines for few)")
+                   help="the same as --objective throughput (kept for old scripts)")
     p.add_argument("--evaluate", metavar="PLAN.json", help="evaluate this plan instead of solving")
     p.add_argument("--baselines", action="store_true", help="also evaluate Edge-Solo, Cloud-Edge-*, memory-prop.")
     p.add_argument("--pareto", metavar="K1,K2", help="latency/throughput Pareto frontier for these micro-batch counts")
@@ -138,6 +166,9 @@ def _add_reproduce(sub) -> None:
     p.add_argument("--models", default=",".join(MODELS))
     p.add_argument("--cloud-mbps", default=",".join(str(x) for x in CLOUD_MBPS), help="cloud link bandwidths")
     p.add_argument("--tokens", type=int, default=96, help="generated tokens per micro-batch in the timeline")
+    p.add_argument("--micro-batches", type=int, default=None,
+                   help="K: every method's throughput at K micro-batches (default per setting: the fewest that keep "
+                        "every method's pipeline full)")
     p.set_defaults(func=cmd_reproduce)
 
 

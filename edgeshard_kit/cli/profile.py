@@ -18,13 +18,19 @@ def _emit(profile: Profile, out: str, as_json: bool) -> None:
         sys.stdout.write(profile.to_json() + "\n")  # for SSH: stdout carries the JSON and nothing else
         return
     jp = save_profile(profile, out)
+    limit = profile.bandwidth_limit_ms()
     if as_json:
         print(json.dumps({"profile": str(jp), "csv": str(jp.with_suffix(".csv")),
                           "device_type": profile.device_type, "n_units": profile.n_units,
                           "decode_ms_per_token": profile.predict_decode_ms(),
-                          "prefill_ms": profile.predict_prefill_ms()}))
+                          "prefill_ms": profile.predict_prefill_ms(), "compiled": profile.compiled,
+                          "compile_s": profile.meta.get("compile_s"), "mem_bw_gbs": profile.mem_bw_gbs,
+                          "bandwidth_limit_ms": limit,
+                          "ratio_to_limit": profile.predict_decode_ms() / limit if limit else None}))
     else:
         print(profile.summary())
+        if profile.compiled:
+            print(f"compiled decode: {profile.meta.get('compile_s') or 0:.1f} s spent compiling")
         print(f"wrote {jp} and {jp.with_suffix('.csv')}")
 
 
@@ -32,6 +38,8 @@ def cmd_profile(args) -> int:
     """`edgeshard profile`: measure (--model) or estimate (--analytic) and write the profile."""
     kv_lens = parse_kv_lens(args.kv_lens)
     if args.analytic:
+        if args.compile:
+            raise KitError("--compile times the compiled decode path: it needs --model, not --analytic")
         if not args.device_type:
             raise KitError("--analytic needs --device-type NAME (see `edgeshard devices`)")
         prof = analytic_profile(args.analytic, args.device_type, dtype=args.dtype, batch=args.batch,
@@ -40,7 +48,7 @@ def cmd_profile(args) -> int:
         prof = measure_profile(args.model, device=args.device, dtype=args.dtype, batch=args.batch,
                                prompt_len=args.prompt_len, kv_lens=kv_lens, repeats=args.repeats,
                                warmup=args.warmup, device_type=args.device_type, progress=not args.quiet,
-                               threads=args.threads)
+                               threads=args.threads, compile=args.compile)
     else:
         raise KitError("give --model DIR (measure) or --analytic MODEL (roofline estimate)")
     _emit(prof, args.out, args.json)
@@ -94,6 +102,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--repeats", type=int, default=20, help="timed repeats per figure (median, min, max kept)")
     p.add_argument("--warmup", type=int, default=3, help="untimed repeats first")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time decode on the compiled path (static KV cache + torch.compile) and record the "
+                        "profile as compiled: plan `--compile` runs with it (the first step compiles: minutes on CPU)")
     p.add_argument("--out", required=True, help="PATH.json (a PATH.csv twin is written too); '-' = JSON on stdout only")
     p.add_argument("--json", action="store_true", help="print a JSON summary line instead of text")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from edgeshard_kit.cli.main import COMMANDS
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.numbers import format_size, parse_size
-from edgeshard_kit.runtime.probe import probe_testbed
+from edgeshard_kit.model import hub
+from edgeshard_kit.runtime.probe import checkpoint_message_sizes, probe_testbed
 from edgeshard_kit.runtime.ssh_launcher import check_devices
 from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S
 from edgeshard_kit.testbed.inventory import load_testbed
@@ -141,7 +144,15 @@ def _add_ssh(sub) -> None:
 # ---- probe --------------------------------------------------------------------------------------------------
 def _cmd_probe(args: argparse.Namespace) -> int:
     tb = load_testbed(args.testbed)
-    sizes = tuple(parse_size(s.strip(), "--sizes") for s in args.sizes.split(",") if s.strip())
+    if args.sizes:
+        sizes = tuple(parse_size(s.strip(), "--sizes") for s in args.sizes.split(",") if s.strip())
+    else:  # what a deployment of the model sends per decode step: the token id and one activation
+        model = Path(args.model) if args.model else hub.model_dir()
+        if not hub.is_checkpoint(model):
+            raise KitError(f"--model: {model} is not a converted checkpoint (run `edgeshard fetch-model`, or give "
+                           f"--sizes)")
+        sizes = checkpoint_message_sizes(model, dtype_bytes=4 if args.dtype == "float32" else 2)
+        print(f"probing at the message sizes of {model.name} ({args.dtype}): {', '.join(map(str, sizes))} bytes")
     out = probe_testbed(tb, sizes, args.repeats)
     if args.json:
         print(json.dumps(out))
@@ -158,7 +169,12 @@ def _cmd_probe(args: argparse.Namespace) -> int:
 def _add_probe(sub) -> None:
     p = sub.add_parser("probe", help=COMMANDS["probe"][1])
     p.add_argument("--testbed", required=True, help="testbed inventory YAML")
-    p.add_argument("--sizes", default="64KiB,1MiB,8MiB", help="payload sizes (default 64KiB,1MiB,8MiB)")
+    p.add_argument("--sizes", default=None,
+                   help="payload sizes, e.g. 8,2304,64KiB (default: the token and the decode activation of --model)")
+    p.add_argument("--model", default=None, help="checkpoint whose message sizes to probe (default: the kit's "
+                                                 "default model, SmolLM2-135M-Instruct)")
+    p.add_argument("--dtype", default="float32", choices=("float32", "float16", "bfloat16"),
+                   help="activation dtype of the deployment (default float32)")
     p.add_argument("--repeats", type=int, default=3, help="repeats per size after one warm-up (default 3)")
     p.add_argument("--json", action="store_true", help="print one JSON object {records, links}")
     p.set_defaults(func=_cmd_probe)

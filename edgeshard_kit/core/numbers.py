@@ -41,6 +41,48 @@ def format_size(n: int) -> str:
     return str(n)
 
 
+_BINARY = (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10))
+
+
+def _unit_of(n: float) -> tuple[str, int]:
+    for unit, mult in _BINARY:
+        if abs(n) >= mult:
+            return unit, mult
+    return "B", 1
+
+
+def human_size(n: float, digits: int = 3) -> str:
+    """A byte count to read, in the largest binary unit it reaches ("1.95 MiB", "31.00 GiB", "512 B").
+
+    `digits`: significant digits (at least 3; whole bytes are shown as they are).
+    """
+    unit, mult = _unit_of(n)
+    if mult == 1:
+        return f"{n:.0f} B"
+    v = n / mult
+    decimals = max(digits - len(str(int(abs(v)))), 0)
+    return f"{v:.{decimals}f} {unit}"
+
+
+def human_sizes(*ns: float) -> list[str]:
+    """Byte counts, each in its own binary unit, with as many decimals as it takes to tell unequal ones apart:
+    (2_000_000, 1_999_000) -> ["1.907 MiB", "1.906 MiB"]; (27e9, 2e6) -> ["25.15 GiB", "1.91 MiB"];
+    (2_097_153, 2_097_152) -> ["2.000001 MiB", "2.000000 MiB"]; whole bytes when 9 decimals do not suffice."""
+    units = [_unit_of(n) for n in ns]
+    for decimals in range(2, 10):
+        out = [f"{n:.0f} B" if mult == 1 else f"{n / mult:.{decimals}f} {unit}" for n, (unit, mult) in zip(ns, units)]
+        if all((a == b) == (round(x) == round(y)) for x, a in zip(ns, out) for y, b in zip(ns, out)):
+            return out
+    return [f"{n:.0f} B" for n in ns]
+
+
+def plural(n: int, word: str, words: str | None = None) -> str:
+    """'1 micro-batch', '4 micro-batches' (`words` when the plural is not word + 's'/'es')."""
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {words or (word + 'es' if word.endswith(('ch', 'sh', 's', 'x')) else word + 's')}"
+
+
 def number(value: Any, where: str, minimum: float | None = None, allow_inf: bool = False) -> float:
     """A finite number (>= `minimum` when given; inf when `allow_inf` and None/"inf"/"unshaped"), else KitError."""
     if allow_inf and (value is None or (isinstance(value, str) and value.strip().lower() in UNSHAPED_WORDS)):

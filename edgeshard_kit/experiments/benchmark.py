@@ -9,17 +9,18 @@ from typing import Any, Callable
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.numbers import integer, number
 from edgeshard_kit.core.units import format_stages
-from edgeshard_kit.experiments import plots, steps
+from edgeshard_kit.experiments import breakdown, plots, steps
 from edgeshard_kit.experiments.measurements import measure_plans, prompt_ids
-from edgeshard_kit.experiments.results import Outcome, Run
+from edgeshard_kit.experiments.results import Outcome, Run, experiment
 from edgeshard_kit.experiments.testbeds import bench_testbed, scale_memory, sweep_testbed
 from edgeshard_kit.model.prompts import GEN_TOKENS, PROMPT_LEN, pick_prompts
-from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.planning.build import LinkModel, Workload, build_problem
 from edgeshard_kit.planning.plan import make_plan
 from edgeshard_kit.planning.problem import without_fixed_costs
 from edgeshard_kit.planning.schedule import evaluate
+from edgeshard_kit.runtime import probe, wire
 from edgeshard_kit.runtime.calibrate import RuntimeCosts, calibrate_runtime
-from edgeshard_kit.testbed import netns
+from edgeshard_kit.testbed import netns, nsnet
 from edgeshard_kit.testbed.inventory import Testbed, load_testbed
 
 ALL_METHODS = ("EdgeShard-latency", "EdgeShard-throughput", "Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt",
@@ -73,10 +74,11 @@ class BenchmarkConfig:
     prompt_len: int = PROMPT_LEN   # prompt tokens: the kit's prompts cut to this length (the paper: 32)
     max_new_tokens: int = GEN_TOKENS  # tokens generated per prompt (the paper: 96)
     micro_batches: int = 3         # pipelined runs; 1 = sequential only
-    repeats: int = 1               # measured generations per (method, bandwidth)
+    repeats: int = 3               # measured generations per (method, bandwidth), interleaved across methods
     profile_repeats: int = 3       # timed repeats per profiled figure
     calibrate: bool = True         # measure the runtime's fixed costs first and plan with them
-    calibrate_repeats: int = 5     # generations per calibration deployment (their median is kept)
+    calibrate_repeats: int = 6     # generations per calibration deployment, in interleaved windows
+    probe: bool = True             # emulated testbed: probe every link at the model's message sizes, plan with it
     memory_share: float = 0.0      # > 0: scale the testbed file's memory so the source holds this share of the model
 
     def __post_init__(self) -> None:
@@ -116,8 +118,9 @@ class BenchmarkConfig:
         integer(self.micro_batches, where("micro_batches"), lo=1)
         integer(self.repeats, where("repeats"), lo=1)
         integer(self.profile_repeats, where("profile_repeats"), lo=1)
-        if not isinstance(self.calibrate, bool):
-            raise KitError(f"{where('calibrate')}: {self.calibrate!r} is not True or False")
+        for flag in ("calibrate", "probe"):
+            if not isinstance(getattr(self, flag), bool):
+                raise KitError(f"{where(flag)}: {getattr(self, flag)!r} is not True or False")
         integer(self.calibrate_repeats, where("calibrate_repeats"), lo=1)
         put("memory_share", number(self.memory_share, where("memory_share"), minimum=0.0))
         if self.memory_share > 0 and not self.testbed_file:
@@ -139,11 +142,16 @@ class BenchmarkConfig:
         return out
 
 
-def _predicted(problem, plan, name: str, micro_batches: int, tokens: int) -> list[dict]:
-    ev = evaluate(problem, plan, micro_batches=micro_batches, tokens=tokens)
+def _predicted(problem, plan, name: str, micro_batches: int, tokens: int, pipe_problem=None) -> list[dict]:
+    """Predicted rows of `plan`: sequential per-token latency on `problem`, pipelined figures at `micro_batches`
+    on `pipe_problem` (the busy-link pricing; default `problem`)."""
+    seq = make_plan(problem, plan.stages, plan.objective, plan.relay, name)
+    ev = evaluate(pipe_problem or problem, plan, micro_batches=micro_batches, tokens=tokens)
     base = {"method": name, "source": "predicted", "stages": format_stages(plan.stages), "repeat": 0,
             "status": "ok", "reason": "", "prefill_ms": None, "tokens_match": None}
-    rows = [{**base, "schedule": "sequential", "latency_ms": plan.latency_ms, "throughput_tps": 1000.0 / plan.latency_ms}]
+    rows = [{**base, "schedule": "sequential", "micro_batches": 1, "latency_ms": seq.latency_ms,
+             "throughput_tps": 1000.0 / seq.latency_ms}]
+    base["micro_batches"] = micro_batches
     if micro_batches > 1:
         for sched in ("no-bubbles", "bubbles"):
             sim = ev.simulations[sched]
@@ -152,10 +160,10 @@ def _predicted(problem, plan, name: str, micro_batches: int, tokens: int) -> lis
     return rows
 
 
-def _paper_model_plans(paper, plans: dict, methods: tuple[str, ...]) -> dict:
+def _paper_model_plans(paper, plans: dict, methods: tuple[str, ...], micro_batches: int) -> dict:
     """EdgeShard's own choice under the paper's model, where it differs from the calibrated choice."""
     out = {}
-    for name, plan in steps.edgeshard_plans(paper).items():
+    for name, plan in steps.edgeshard_plans(paper, micro_batches).items():
         if name not in methods or isinstance(plan, Exception) or not plan.feasible:
             continue
         mine = plans.get(name)
@@ -164,29 +172,60 @@ def _paper_model_plans(paper, plans: dict, methods: tuple[str, ...]) -> dict:
     return out
 
 
-def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runtime: RuntimeCosts | None = None,
-          log: Log = _quiet) -> list[dict]:
-    """Every method at every cloud bandwidth of `config`: predicted rows, and measured rows from real deployments.
+def link_models(config: BenchmarkConfig, testbed: Testbed, profiles: dict,
+                log: Log = _quiet) -> tuple[LinkModel | None, LinkModel | None, list[dict]]:
+    """(idle-link model for sequential latency, busy-link model for pipelines, probe records) of `testbed` as it is
+    shaped now: the emulated testbed's tbf bucket (testbed.nsnet) or the app shaper's, and on an emulated testbed
+    (`config.probe`) every link probed at the model's message sizes (runtime.probe.message_sizes)."""
+    if testbed.emulation == "netns":
+        burst = float(nsnet.LINK_BURST_BYTES)
+    elif testbed.emulation == "app":
+        burst = wire.LinkShaper(1.0).burst
+    else:
+        return None, None, []
+    measured, records = {}, []
+    if config.probe and testbed.emulation == "netns":
+        sizes = probe.message_sizes(next(iter(profiles.values())))
+        measured, records = probe.measured_links(testbed, sizes, repeats=3)
+        log(f"  probed {len(measured)} links at {', '.join(f'{b} B' for b in sizes)}: "
+            f"{', '.join(f'{a}->{b} {m:.3g} Mbps' for (a, b), (m, _) in list(measured.items())[:4])}, ...")
+    return LinkModel(burst, True, measured), LinkModel(burst, False, measured), records
 
-    With `runtime` (runtime.calibrate's RuntimeCosts) the planner works with the runtime's fixed costs; every plan then also
-    gets a "predicted-paper" row (the paper's model: layers + transfers only) for the same stages, and where
+
+def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runtime: RuntimeCosts | None = None,
+          log: Log = _quiet, links: dict | None = None) -> dict[str, list[dict]]:
+    """Every method at every cloud bandwidth of `config`: tables {measurements, stage_terms, stage_records, probes}.
+
+    Rows: predicted, and measured from real deployments, every method at the same K = `config.micro_batches`
+    (EdgeShard-throughput is planned for that K). The kit's prediction prices links by the shaper's burst and
+    the probe (`link_models`: an idle link for sequential latency, a busy one for pipelines) and, with `runtime`
+    (runtime.calibrate's RuntimeCosts), the runtime's fixed costs; every plan also gets a "predicted-paper" row
+    (the paper's model: layers + the inventory's links, bytes x 8 / Mbps) for the same stages, and where
     EdgeShard's choice under the paper's model differs, that plan is deployed too, as "<method> (paper's model)".
+    `links`: link_models' results already taken, by bandwidth (filled in here).
     """
+    links = {} if links is None else links
     k, tokens = config.micro_batches, config.max_new_tokens
     prompts = prompt_ids(checkpoint, config.micro_batches, config.prompt_len)
     # One prompt at a time, as the runtime's micro-batches of one row: the reference is batch-size exact.
     reference = [steps.reference_tokens(checkpoint, prompts[0][i:i + 1], tokens, prompts[1][i:i + 1])[0]
                  for i in range(prompts[0].shape[0])]
-    rows, chosen = [], []  # plans first (every bandwidth), then the deployments
+    rows, chosen, probes, terms = [], [], [], []  # plans first (every bandwidth), then the deployments
+    workload = Workload(prompt_len=config.prompt_len, gen_tokens=tokens)
     for mbps in config.cloud_mbps:
         testbed = testbed_at(mbps)
-        problem = build_problem(profiles, testbed, Workload(prompt_len=config.prompt_len, gen_tokens=tokens), runtime,
-                                returns="tokens")
-        paper = without_fixed_costs(problem) if runtime is not None else None
-        plans = steps.method_plans(problem)
+        if mbps not in links:
+            links[mbps] = link_models(config, testbed, profiles, log)
+        idle, busy, recs = links[mbps]
+        probes += [{**r, "cloud_mbps": mbps} for r in recs]
+        problem = build_problem(profiles, testbed, workload, runtime, returns="tokens", links=idle)
+        pipe = build_problem(profiles, testbed, workload, runtime, returns="tokens", links=busy)
+        paper = without_fixed_costs(build_problem(profiles, testbed, workload, returns="tokens"))
+        plans = steps.method_plans(problem, k)
+        plans["EdgeShard-throughput"] = steps.edgeshard_plans(pipe, k)["EdgeShard-throughput"]
         names = list(config.methods)
-        if paper is not None:
-            extra = _paper_model_plans(paper, plans, config.methods)
+        if runtime is not None or idle is not None:
+            extra = _paper_model_plans(paper, plans, config.methods, k)
             plans.update({n: make_plan(problem, p.stages, p.objective, p.relay, n) for n, p in extra.items()})
             names += list(extra)
         for name in names:
@@ -199,13 +238,27 @@ def sweep(config: BenchmarkConfig, checkpoint, testbed_at, profiles: dict, runti
                          for src in ("predicted", "measured")]
                 log(f"  {mbps:>7g} Mbps  {name:<22} {status}: {reason}")
                 continue
-            rows += [{**r, "cloud_mbps": mbps} for r in _predicted(problem, plan, name, k, tokens)]
-            if paper is not None:
-                same = make_plan(paper, plan.stages, plan.objective, plan.relay, name)
-                rows += [{**r, "cloud_mbps": mbps, "source": "predicted-paper"}
-                         for r in _predicted(paper, same, name, k, tokens)]
-            chosen.append((mbps, name, plan, problem, testbed))
-    return rows + measure_plans(checkpoint, testbed_at, chosen, prompts, reference, tokens, k, config.repeats, log)
+            rows += [{**r, "cloud_mbps": mbps} for r in _predicted(problem, plan, name, k, tokens, pipe)]
+            same = make_plan(paper, plan.stages, plan.objective, plan.relay, name)
+            rows += [{**r, "cloud_mbps": mbps, "source": "predicted-paper"}
+                     for r in _predicted(paper, same, name, k, tokens)]
+            terms += _stage_terms(problem, plan, name, mbps)
+            chosen.append((mbps, name, make_plan(problem, plan.stages, plan.objective, plan.relay, name), problem,
+                           testbed))
+    measured, stage_rows = measure_plans(checkpoint, testbed_at, chosen, prompts, reference, tokens, k,
+                                         config.repeats, log, schedules=("no-bubbles",))
+    return {"measurements": rows + measured, "stage_terms": terms, "stage_records": stage_rows, "probes": probes}
+
+
+def _stage_terms(problem, plan, name: str, mbps: float) -> list[dict]:
+    """The kit's prediction of every stage of `plan`, term by term (ms per decode step)."""
+    out = []
+    for i, s in enumerate(plan.stages):
+        dev = problem.devices[problem.index(s.device)]
+        out.append({"method": name, "cloud_mbps": mbps, "stage": i, "device": s.device, "start": s.start,
+                    "end": s.end, "compute_ms": sum(dev.unit_ms[s.start:s.end]), "fixed_ms": dev.stage_ms,
+                    "transfer_ms": plan.stage_transfer_ms[i]})
+    return out
 
 
 def figures(df) -> dict:
@@ -220,52 +273,16 @@ def figures(df) -> dict:
                                                          title="pipelined throughput (tokens/s, no-bubbles) vs cloud bandwidth")
     low = df[(df.cloud_mbps == df.cloud_mbps.min()) & (df.status == "ok")]
     figs["methods_at_lowest_bandwidth"] = plots.bars(low[low.schedule == "sequential"], "latency_ms", color="source",
-                                                     title=f"per-token latency at {df.cloud_mbps.min():g} Mbps")
-    ok = df[df.status == "ok"]
-    paired = ok[ok.source == "measured"].groupby(["method", "cloud_mbps", "schedule"], as_index=False)["latency_ms"] \
-        .median().merge(ok[ok.source == "predicted"][["method", "cloud_mbps", "schedule", "latency_ms"]],
-                        on=["method", "cloud_mbps", "schedule"], suffixes=("_measured", "_predicted"))
-    figs["predicted_vs_measured"] = plots.predicted_vs_measured(
-        paired, "latency_ms_predicted", "latency_ms_measured", color="schedule",
-        title="per-token latency: predicted vs measured (ms)")
+                                                     title=f"per-token latency at {df.cloud_mbps.min():g} Mbps "
+                                                           f"(median, error bars min..max of the repeats)")
     return figs
 
 
-def summary_table(df):
-    """Median measured and predicted latency / throughput per (bandwidth, method)."""
-    import pandas as pd
-    ok = df[df.status == "ok"]
-    lat = ok[ok.schedule == "sequential"].pivot_table(index=["cloud_mbps", "method"], columns="source",
-                                                       values="latency_ms", aggfunc="median")
-    lat.columns = [f"latency_ms_{c}" for c in lat.columns]
-    thr = ok[ok.schedule == "no-bubbles"].pivot_table(index=["cloud_mbps", "method"], columns="source",
-                                                       values="throughput_tps", aggfunc="median")
-    thr.columns = [f"tps_{c}" for c in thr.columns]
-    bad = df[df.status != "ok"].drop_duplicates(["cloud_mbps", "method"]).set_index(["cloud_mbps", "method"])["status"]
-    out = pd.concat([lat, thr, bad], axis=1).reset_index()
-    out["status"] = out["status"].fillna("ok")
-    return out.round(2)
+summary_table = breakdown.summary_table  # min/median/max per (bandwidth, method), the kit's and the paper's prediction
+prediction_table = breakdown.prediction_table
 
 
-def prediction_table(df):
-    """Per (bandwidth, method, schedule): median measured beside the kit's prediction and the paper model's, with ratios.
-
-    Sequential rows compare per-token latency (ms); no-bubbles rows compare pipelined throughput (tokens/s).
-    """
-    import pandas as pd
-    ok = df[(df.status == "ok") & df.schedule.isin(["sequential", "no-bubbles"])].copy()
-    ok["value"] = ok.latency_ms.where(ok.schedule == "sequential", ok.throughput_tps)
-    t = ok.pivot_table(index=["cloud_mbps", "method", "schedule"], columns="source", values="value",
-                       aggfunc="median").reset_index()
-    t.columns.name = None
-    t.insert(3, "metric", t.schedule.map({"sequential": "latency_ms", "no-bubbles": "throughput_tps"}))
-    for src in ("predicted", "predicted-paper"):
-        if src in t:
-            t[f"measured_over_{src.replace('-', '_')}"] = t["measured"] / t[src]
-    stages = df[df.source == "measured"].drop_duplicates(["cloud_mbps", "method"])[["cloud_mbps", "method", "stages"]]
-    return pd.merge(t, stages, on=["cloud_mbps", "method"], how="left")
-
-
+@experiment
 def run_benchmark(run: Run, config: BenchmarkConfig, log: Log = _quiet) -> Outcome:
     """Profile, calibrate the runtime's fixed costs, plan every method at every cloud bandwidth, deploy and measure.
 
@@ -302,22 +319,35 @@ def _run_benchmark(run: Run, config: BenchmarkConfig, checkpoint: Path, testbed_
     profiles = steps.profile_testbed(checkpoint, first, repeats=config.profile_repeats, prompt_len=p,
                                      kv_lens=f"{p},{p + config.max_new_tokens}", run=run)
     run.write_csv("profiles", steps.profiles_frame(profiles))
-    runtime = None
+    runtime, links = None, {}
     if config.calibrate:
         top = max(config.cloud_mbps)  # the fastest cloud link: the least of the measured excess is link time
         log(f"calibrating the runtime's fixed costs per stage and per token (cloud link {top:g} Mbps) ...")
         # Enough decode steps to see the fixed costs, without the paper's 96 tokens x 5 repeats x 4 deployments.
-        runtime = calibrate_runtime(checkpoint, testbed_at(top), profiles,
-                                    tokens=min(32, max(8, 2 * config.max_new_tokens)),
-                                    repeats=config.calibrate_repeats, log=log)
+        tb_top = testbed_at(top)
+        links[top] = link_models(config, tb_top, profiles, log)
+        runtime = calibrate_runtime(checkpoint, tb_top, profiles, tokens=min(32, max(8, 2 * config.max_new_tokens)),
+                                    repeats=config.calibrate_repeats, log=log, links=links[top][0])
         run.write_csv("runtime_overheads", runtime.records)
         run.record(runtime_overheads=runtime.to_dict())
         log(f"  stage_ms {', '.join(f'{t} {v:.3f}' for t, v in runtime.stage_ms.items())}; "
             f"step_ms {runtime.step_ms:.3f}")
-    log(f"sweeping {len(config.methods)} methods over cloud bandwidths {list(config.cloud_mbps)} Mbps ...")
-    df = pd.DataFrame(sweep(config, checkpoint, testbed_at, profiles, runtime, log))
+    log(f"sweeping {len(config.methods)} methods over cloud bandwidths {list(config.cloud_mbps)} Mbps, "
+        f"{config.repeats} repeats interleaved, every method at K = {config.micro_batches} micro-batches ...")
+    tables = sweep(config, checkpoint, testbed_at, profiles, runtime, log, links)
+    df = pd.DataFrame(tables["measurements"])
     run.write_csv("measurements", df)
-    figs = figures(df)
+    for name in ("stage_terms", "stage_records", "probes"):
+        if tables[name]:
+            run.write_csv(name, tables[name])
+    pred = prediction_table(df)
+    run.write_csv("prediction", pred)
+    if tables["stage_terms"]:
+        st = tables["stage_terms"]
+        pick = [t for t in st if t["method"] == "EdgeShard-latency"] or st
+        low = min(t["cloud_mbps"] for t in pick)
+        run.write_csv("stage_breakdown", breakdown.stage_table(st, tables["stage_records"], pick[0]["method"], low))
+    figs = {**figures(df), **breakdown.figures(pred, tables["stage_terms"], tables["stage_records"])}
     for name, fig in figs.items():
         run.save_figure(name, fig)
     table = summary_table(df)
@@ -325,4 +355,6 @@ def _run_benchmark(run: Run, config: BenchmarkConfig, checkpoint: Path, testbed_
     ok = df[(df.source == "measured") & (df.status == "ok")]
     run.finish(tokens_match=bool(ok["tokens_match"].all()) if len(ok) else None,
                measured_runs=int(len(ok)), bandwidths=list(config.cloud_mbps), methods=list(config.methods))
-    return Outcome(run.path, {"measurements": df, "summary": table}, figs, table)
+    return Outcome(run.path, {"measurements": df, "summary": table, "prediction": pred,
+                              "stage_terms": tables["stage_terms"], "stage_records": tables["stage_records"]},
+                   figs, table)

@@ -34,15 +34,35 @@ def _quiet(msg: str) -> None:
 
 
 def demo_config(cloud_mbps: Any = "2,20,200", model_path: str = "") -> BenchmarkConfig:
-    """The demo's knobs: 32-token prompts, 6 generated tokens, 3 micro-batches, one measured generation per plan
-    and bandwidth, 2 profiling repeats, 2 calibration runs: a few minutes on 2 cores.
+    """The demo's knobs: 32-token prompts, 6 generated tokens, K = 3 micro-batches for every method, 2 measured
+    generations per plan and bandwidth (interleaved across methods), 2 profiling repeats, 3 calibration windows:
+    minutes on 2 cores.
 
     `model_path`: "" the default real model, "tiny" a tiny random one (4 layers, hidden 128), or a checkpoint folder.
-    The benchmark and notebook 04 generate the paper's 96 tokens; the demo generates 6 to finish in minutes.
+    The benchmark and notebook 04 generate the paper's 96 tokens with 3 repeats; the demo is cut to finish in minutes.
     """
     return BenchmarkConfig(model_path=model_path, tiny_layers=4, tiny_hidden=128, cloud_mbps=cloud_mbps,
-                           prompt_len=32, max_new_tokens=6, micro_batches=3, repeats=1, profile_repeats=2,
-                           calibrate_repeats=2)
+                           prompt_len=32, max_new_tokens=6, micro_batches=3, repeats=2, profile_repeats=2,
+                           calibrate_repeats=3)
+
+
+def latency_sanity(summary) -> list[str]:
+    """Per bandwidth: EdgeShard's latency plan against the fastest baseline; "measurably slower" = EdgeShard's
+    fastest repeat slower than the baseline's slowest (the summary's latency_ms_min / latency_ms_max)."""
+    out = []
+    ok = summary[(summary.status == "ok") & summary.latency_ms_median.notna()]
+    for mbps, g in ok.groupby("cloud_mbps", sort=True):
+        es = g[g.method == "EdgeShard-latency"]
+        base = g[~g.method.str.startswith("EdgeShard")]
+        if es.empty or base.empty:
+            continue
+        e, b = es.iloc[0], base.sort_values("latency_ms_median").iloc[0]
+        slower = e.latency_ms_min > b.latency_ms_max
+        out.append(f"{mbps:g} Mbps: EdgeShard-latency {e.latency_ms_median:.1f} ms/token [{e.latency_ms_min:.1f}.."
+                   f"{e.latency_ms_max:.1f}] vs fastest baseline {b.method} {b.latency_ms_median:.1f} "
+                   f"[{b.latency_ms_min:.1f}..{b.latency_ms_max:.1f}]: "
+                   f"{'MEASURABLY SLOWER (see README, prediction section)' if slower else 'not measurably slower'}")
+    return out
 
 
 def demo_checkpoint(model_path: str, folder: str | Path, layers: int = 4, hidden: int = 128,

@@ -6,10 +6,11 @@ import math
 from dataclasses import replace
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.numbers import plural
 from edgeshard_kit.core.units import format_stages
 from edgeshard_kit.planning.baselines import baselines
 from edgeshard_kit.planning.build import Workload, build_problem
-from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.objectives import METHOD_NAMES, solve_objective
 from edgeshard_kit.planning.plan import Plan
 from edgeshard_kit.planning.problem import Problem
 from edgeshard_kit.planning.schedule import simulate
@@ -94,42 +95,69 @@ def _row(model: str, plan: Plan, objective: str, schedule: str, mbps: float, k: 
             "reason": plan.reason}
 
 
+def _fill(plan: Plan) -> int:
+    """Micro-batches that keep `plan`'s pipeline full: one per stage, and a token's round trip over the bottleneck."""
+    return max(len(plan.stages), math.ceil(plan.latency_ms / plan.bottleneck_ms - 1e-9))
+
+
+def _edgeshard(problem: Problem, objective: str, k: int | None = None) -> tuple[list[Plan], str]:
+    try:
+        return [solve_objective(problem, objective, k)], ""
+    except KitError as e:
+        return [], str(e)
+
+
 def reproduce(models=MODELS, cloud_mbps=CLOUD_MBPS, tokens: int = 96, micro_batches: int | None = None) -> list[dict]:
-    """Rows of the reproduction: EdgeShard (latency, throughput x schedules) and the baselines per bandwidth."""
+    """Rows of the reproduction per (model, bandwidth): every method's latency (one request, sequential), and every
+    method's simulated throughput (bubbles and no-bubbles schedules) at ONE micro-batch count K for the setting.
+
+    Methods: EdgeShard-latency; EdgeShard-throughput (steady state), the paper's bottleneck DP; EdgeShard-throughput,
+    the best plan at exactly K micro-batches; the four baselines (planning.objectives.BASELINE_NAMES).
+    K = `micro_batches`, or else the fewest micro-batches that keep every feasible throughput plan's pipeline full
+    (max over plans of max(stages, ceil(latency / bottleneck))); the `micro_batches` column says which.
+    """
     rows = []
     for model in models:
         for mbps in cloud_mbps:
             problem = paper_problem(model, mbps)
-            for objective in ("latency", "throughput"):
-                try:
-                    best = [solve(problem, objective)]
-                except KitError as e:
-                    best = []
-                    rows.append({**{c: "" for c in COLUMNS}, "model": model, "method": "edgeshard",
-                                 "objective": objective, "cloud_mbps": mbps, "feasible": False, "reason": str(e)})
-                for plan in best + baselines(problem, objective):
-                    if objective == "latency":  # one request, no pipelining: tokens/s = 1000 / latency
-                        rows.append(_row(model, plan, objective, "sequential", mbps, 1, plan.latency_ms,
-                                         problem.micro_batch_size * 1000.0 / plan.latency_ms))
+            lat, err = _edgeshard(problem, "latency")
+            rows += _failed(model, "latency", mbps, 1, err)
+            for plan in lat + baselines(problem, "latency"):  # one request, no pipelining: tokens/s = 1000 / latency
+                rows.append(_row(model, plan, "latency", "sequential", mbps, 1, plan.latency_ms,
+                                 problem.micro_batch_size * 1000.0 / plan.latency_ms))
+            steady, err = _edgeshard(problem, "throughput-steady")
+            plans = steady + baselines(problem, "throughput")
+            k = micro_batches or max([_fill(p) for p in plans if p.feasible] or [1])
+            at_k, err_k = _edgeshard(problem, "throughput", k)
+            rows += _failed(model, "throughput-steady", mbps, k, err) + _failed(model, "throughput", mbps, k, err_k)
+            for plan in plans[:len(steady)] + at_k + plans[len(steady):]:
+                for sched in ("bubbles", "no-bubbles"):
+                    if not plan.feasible:
+                        rows.append(_row(model, plan, "throughput", sched, mbps, k, math.nan, math.nan))
                         continue
-                    # enough micro-batches to fill the pipeline: a token's round trip over the bottleneck
-                    k = micro_batches or max(len(plan.stages), math.ceil(plan.latency_ms / plan.bottleneck_ms - 1e-9))
-                    for sched in ("bubbles", "no-bubbles"):
-                        if not plan.feasible:
-                            rows.append(_row(model, plan, objective, sched, mbps, k, math.nan, math.nan))
-                            continue
-                        sim = simulate(problem, plan, k, tokens, sched)
-                        rows.append(_row(model, plan, objective, sched, mbps, k, sim.token_interval_ms,
-                                         sim.throughput_per_s))
+                    sim = simulate(problem, plan, k, tokens, sched)
+                    rows.append(_row(model, plan, "throughput", sched, mbps, k, sim.token_interval_ms,
+                                     sim.throughput_per_s))
     return rows
 
 
+def _failed(model: str, objective: str, mbps: float, k: int, error: str) -> list[dict]:
+    if not error:
+        return []
+    return [{**{c: "" for c in COLUMNS}, "model": model, "method": METHOD_NAMES[objective],
+             "objective": "latency" if objective == "latency" else "throughput", "cloud_mbps": mbps,
+             "micro_batches": k, "feasible": False, "reason": error}]
+
+
 def summary(rows: list[dict]) -> str:
-    """The EdgeShard and baseline figures per model at the highest bandwidth, as text lines."""
+    """Every method's figures per model at the highest bandwidth, as text lines (throughput: no-bubbles, at the
+    setting's K micro-batches, which the line states)."""
     lines = []
+    top = max(x["cloud_mbps"] for x in rows)
     for r in rows:
-        if r["cloud_mbps"] == max(x["cloud_mbps"] for x in rows) and r["schedule"] in ("sequential", "no-bubbles"):
+        if r["cloud_mbps"] == top and r["schedule"] in ("sequential", "no-bubbles", ""):
             fig = (f"{r['latency_ms']:>9} ms/token {r['throughput_per_s']:>8} tokens/s" if r["feasible"]
                    else f"OUT OF MEMORY ({r['reason'][:60]})")
-            lines.append(f"{r['model']:<11} {r['objective']:<10} {r['method']:<20} {fig}  {r['devices']}")
+            at = "1 request" if r["objective"] == "latency" else plural(int(r["micro_batches"]), "micro-batch")
+            lines.append(f"{r['model']:<11} {r['objective']:<10} {at:<17} {r['method']:<36} {fig}  {r['devices']}")
     return "\n".join(lines)

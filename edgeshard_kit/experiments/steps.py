@@ -19,8 +19,7 @@ from edgeshard_kit.model.checkpoint import load_llama_config, write_tiny_checkpo
 from edgeshard_kit.model.generate import generate_split
 from edgeshard_kit.planning import baselines
 from edgeshard_kit.planning.build import Workload, build_problem
-from edgeshard_kit.planning.dp import solve
-from edgeshard_kit.planning.plan import with_method
+from edgeshard_kit.planning.objectives import METHOD_NAMES, solve_objective
 from edgeshard_kit.planning.schedule import evaluate
 from edgeshard_kit.profiling.measure import measure_profile, parse_kv_lens
 from edgeshard_kit.profiling.profile import Profile, profiles_frame, save_profile
@@ -126,36 +125,45 @@ def probe_links(testbed, nbytes: int = 262144, repeats: int = 3) -> list[dict]:
     return rows
 
 
-def plan_for(profiles: dict, testbed, objective: str = "latency", prompt_len: int = 8, gen_tokens: int = 8):
-    """(problem, plan): EdgeShard's optimum for `objective` on the measured profiles (the runtime's pricing)."""
+def plan_for(profiles: dict, testbed, objective: str = "latency", prompt_len: int = 8, gen_tokens: int = 8,
+             micro_batches: int = 1):
+    """(problem, plan): EdgeShard's optimum for `objective` (planning.objectives.OBJECTIVES) on the measured
+    profiles (the runtime's pricing); ``throughput`` is the throughput with `micro_batches` in flight."""
     problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=gen_tokens),
                             returns="tokens")
-    return problem, solve(problem, objective)
+    return problem, solve_objective(problem, objective, micro_batches)
 
 
-def edgeshard_plans(problem) -> dict:
-    """EdgeShard's optimum for both objectives, by method name (the KitError where nothing fits)."""
+def edgeshard_plans(problem, micro_batches: int | None = None, steady: bool = False) -> dict:
+    """EdgeShard's optimum per objective, by method name (METHOD_NAMES; the KitError where nothing fits).
+
+    micro_batches: K for EdgeShard-throughput (throughput with K micro-batches in flight; None: the steady-state
+    DP). steady: also the paper's steady-state throughput plan, as "EdgeShard-throughput (steady state)".
+    """
     out = {}
-    for objective in ("latency", "throughput"):
+    objectives = ("latency", "throughput") + (("throughput-steady",) if steady else ())
+    for objective in objectives:
+        name = METHOD_NAMES[objective]
         try:
-            out[f"EdgeShard-{objective}"] = with_method(solve(problem, objective), f"EdgeShard-{objective}")
+            out[name] = solve_objective(problem, objective, micro_batches)
         except KitError as e:
-            out[f"EdgeShard-{objective}"] = e
+            out[name] = e
     return out
 
 
-def method_plans(problem) -> dict:
-    """EdgeShard (both objectives) and the four baselines, by method name (OOM ones have feasible=False)."""
-    out = edgeshard_plans(problem)
+def method_plans(problem, micro_batches: int | None = None, steady: bool = False) -> dict:
+    """EdgeShard (see edgeshard_plans) and the four baselines, by method name (OOM ones have feasible=False)."""
+    out = edgeshard_plans(problem, micro_batches, steady)
     for plan in baselines.baselines(problem, "latency"):
         out[plan.method] = plan
     return out
 
 
 def predicted_methods(problem, micro_batches: int = 4, tokens: int = 8) -> list[dict]:
-    """Predicted per-token latency (ms) and pipelined throughput (tokens/s) of every method."""
+    """Predicted per-token latency (ms) and pipelined throughput (tokens/s, `micro_batches` in flight) of every
+    method; EdgeShard-throughput is the plan for that many micro-batches."""
     rows = []
-    for name, plan in method_plans(problem).items():
+    for name, plan in method_plans(problem, micro_batches).items():
         row = {"method": name, "source": "predicted", "micro_batches": micro_batches}
         if isinstance(plan, Exception) or not plan.feasible:
             reason = str(plan) if isinstance(plan, Exception) else plan.reason

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import read_json
 from edgeshard_kit.core.units import n_units
+from edgeshard_kit.model.config_schema import check_config, expected_shape
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, Llama2's order plus a pad token
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,6 +129,7 @@ def write_tiny_checkpoint(
 
 def load_llama_config(dir: str | Path):
     """Load and check config.json of a Llama checkpoint (KitError if missing or not Llama)."""
+    from huggingface_hub.errors import StrictDataclassError
     from transformers import LlamaConfig
 
     path = Path(dir)
@@ -137,9 +139,15 @@ def load_llama_config(dir: str | Path):
     if not cfg_file.is_file():
         raise KitError(f"checkpoint {str(path)!r} has no config.json")
     raw = read_json(cfg_file)
+    if not isinstance(raw, dict):
+        raise KitError(f"{cfg_file}: expected a JSON object, got {type(raw).__name__}")
     if raw.get("model_type") != "llama":
         raise KitError(f"{cfg_file}: model_type is {raw.get('model_type')!r}, not 'llama'")
-    config = LlamaConfig.from_pretrained(path)
+    check_config(raw, str(cfg_file))
+    try:
+        config = LlamaConfig.from_pretrained(path)
+    except (ValueError, TypeError, OSError, StrictDataclassError) as e:  # transformers' own checks of the fields
+        raise KitError(f"{cfg_file}: {' '.join(str(e).split())[:200]}") from None
     config._attn_implementation = "sdpa"  # HF's default on CPU and GPU: same numbers as transformers
     return config
 
@@ -149,6 +157,9 @@ def load_tokenizer(dir: str | Path):
     from transformers import AutoTokenizer
 
     load_llama_config(dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(dir) / name).is_file() and not isinstance(read_json(Path(dir) / name), dict):  # names the file
+            raise KitError(f"{Path(dir) / name}: expected a JSON object")
     try:
         tok = AutoTokenizer.from_pretrained(str(dir))
     except (OSError, ValueError) as e:
@@ -218,13 +229,26 @@ def open_safetensors(path: str | Path):
         yield f
 
 
+def _check_shapes(f, path: Path, config) -> None:
+    """KitError naming the file and the tensor when a tensor's shape (header only) is not what config.json gives."""
+    for name in f.keys():
+        want = expected_shape(config, name)
+        if want is not None:
+            got = list(f.get_slice(name).get_shape())
+            if got != want:
+                raise KitError(f"{path}: tensor {name} has shape {got}, but config.json gives {want} "
+                               "(the weights are of another model size)")
+
+
 def weight_files(dir: str | Path) -> dict[str, Path]:
     """Map every tensor name to the safetensors file holding it: the one file transformers would load
     (model.safetensors before the index), every shard's header checked against the index."""
     path = Path(dir)
     chosen = _weights_file(path)
+    config = load_llama_config(path)
     if chosen.name.endswith(".safetensors"):
         with open_safetensors(chosen) as f:
+            _check_shapes(f, chosen, config)
             return {name: chosen for name in f.keys()}
     try:
         wmap = json.loads(chosen.read_text())["weight_map"]
@@ -235,10 +259,14 @@ def weight_files(dir: str | Path) -> dict[str, Path]:
     for name, f in files.items():
         by_file.setdefault(f, []).append(name)
     for f, names in by_file.items():
+        if f.resolve().parent != path.resolve():
+            raise KitError(f"{chosen}: weight_map: shard {str(f.relative_to(path))!r} is not a file of the checkpoint "
+                           "folder")
         if not f.is_file():
             raise KitError(f"{chosen}: shard {f.name} is missing")
         with open_safetensors(f) as sf:
             present = set(sf.keys())
+            _check_shapes(sf, f, config)
         lacking = [n for n in names if n not in present]
         if lacking:
             more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
@@ -293,13 +321,14 @@ def generation_settings(checkpoint: str | Path) -> GenerationSettings:
     load_llama_config(path)
     gen_file = path / "generation_config.json"
     source = gen_file if gen_file.is_file() else path / "config.json"
-    read_json(source)  # a one-line error for a file that is not JSON
+    if not isinstance(read_json(source), dict):  # a one-line error for a file that is not a JSON object
+        raise KitError(f"{source}: expected a JSON object")
     try:
         if gen_file.is_file():
             gc = GenerationConfig.from_pretrained(str(path))
         else:  # transformers' fallback: a generation config built from the model config
             gc = GenerationConfig.from_pretrained(str(path), config_file_name="config.json", _from_model_config=True)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, TypeError) as e:
         raise KitError(f"{source}: cannot read the generation settings ({str(e).splitlines()[0]})") from None
     eos = _ids(gc.eos_token_id, f"{source}: eos_token_id")
     pad = _ids(gc.pad_token_id, f"{source}: pad_token_id")

@@ -25,6 +25,8 @@ class GenerationResult:
     per_token_ms: list[float]  # one entry per decode step (token 2..N); token 1 is in prefill_ms
     prefill_ms: float  # prompt pass through all stages + choosing the first token
     split: list[tuple[int, int]] = field(default_factory=list)
+    compiled: bool = False  # the stages ran the compiled decode path
+    compile_s: float = 0.0  # seconds the stages have spent compiling so far (included in the first decode step)
     logits: list | None = field(default=None, repr=False, compare=False)  # per step (B, V) float32, tests only
 
     def to_dict(self) -> dict:
@@ -37,7 +39,8 @@ class GenerationResult:
     @classmethod
     def from_dict(cls, d: dict) -> "GenerationResult":
         return cls(tokens=[list(t) for t in d["tokens"]], text=list(d["text"]), per_token_ms=list(d["per_token_ms"]),
-                   prefill_ms=float(d["prefill_ms"]), split=[tuple(r) for r in d.get("split", [])])
+                   prefill_ms=float(d["prefill_ms"]), split=[tuple(r) for r in d.get("split", [])],
+                   compiled=bool(d.get("compiled", False)), compile_s=float(d.get("compile_s", 0.0)))
 
 
 def encode_prompts(tokenizer, prompts: str | list[str], chat: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -146,11 +149,12 @@ def finish_step(tok: torch.Tensor, finished: torch.Tensor | None, eos_ids: Seque
 
 
 def build_stages(checkpoint: str | Path, ranges: list[tuple[int, int]], dtype: str = "float32",
-                 device: str = "cpu") -> list[StageModel]:
-    """Check that the ranges cover the model's units exactly, then build one StageModel per range."""
+                 device: str = "cpu", compile: bool = False) -> list[StageModel]:
+    """Check that the ranges cover the model's units exactly, then build one StageModel per range
+    (`compile`: each with the compiled decode path, model/compiled.py)."""
     config = load_llama_config(checkpoint)
     validate_ranges([tuple(r) for r in ranges], n_units(config.num_hidden_layers))
-    return [StageModel(checkpoint, a, b, dtype=dtype, device=device) for a, b in ranges]
+    return [StageModel(checkpoint, a, b, dtype=dtype, device=device, compile=compile) for a, b in ranges]
 
 
 def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor | None, max_new_tokens: int,
@@ -172,7 +176,7 @@ def run_stages(stages: list[StageModel], ids: torch.Tensor, mask: torch.Tensor |
         raise KitError(f"token id {bad} is outside the vocabulary [0, {vocab})")
     device = stages[-1].device
     gen = torch.Generator(device="cpu").manual_seed(seed) if temperature > 0 else None
-    caches = [s.new_cache() for s in stages]
+    caches = [s.new_cache(max_len=ids.shape[1] + max_new_tokens) for s in stages]  # sizes static KV caches
     finished = torch.zeros(ids.shape[0], dtype=torch.bool, device=device)
     out, logits_log, step_ms = [], [], []
     x, m = ids, mask
@@ -203,12 +207,13 @@ def generate_split(checkpoint: str | Path, ranges: list[tuple[int, int]] | None 
                    temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, dtype: str = "float32",
                    device: str = "cpu", stop_at_eos: bool | None = None, chat: bool = False,
                    attention_mask: torch.Tensor | None = None, keep_logits: bool = False,
-                   stages: list[StageModel] | None = None) -> GenerationResult:
+                   stages: list[StageModel] | None = None, compile: bool = False) -> GenerationResult:
     """Generate with the model split into stages `ranges` (None = one stage), all on this host.
 
     `chat`: each prompt is a user message put through the checkpoint's chat template. `stop_at_eos`
     (None = True for chat prompts, else False): stop a row at any EOS id of generation_config.json and pad
-    it, as transformers' generate does.
+    it, as transformers' generate does. `compile`: stages built with the compiled decode path (a static KV
+    cache and torch.compile of each stage's decode step; the first decode step compiles, see `compile_s`).
     """
     config = load_llama_config(checkpoint)
     total = n_units(config.num_hidden_layers)
@@ -238,13 +243,14 @@ def generate_split(checkpoint: str | Path, ranges: list[tuple[int, int]] | None 
         if attention_mask is not None:
             mask = attention_mask.to(torch.long)
     if stages is None:
-        stages = build_stages(checkpoint, ranges, dtype=dtype, device=device)
+        stages = build_stages(checkpoint, ranges, dtype=dtype, device=device, compile=compile)
     toks, prefill_ms, step_ms, logits = run_stages(stages, ids, mask, max_new_tokens, temperature, top_p, seed,
                                                    settings.eos_token_ids, settings.pad_token_id, keep_logits)
     tokens = toks.tolist()
     text = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens] if tokenizer is not None else [""] * len(tokens)
     return GenerationResult(tokens=tokens, text=text, per_token_ms=step_ms, prefill_ms=prefill_ms, split=ranges,
-                            logits=logits if keep_logits else None)
+                            logits=logits if keep_logits else None, compiled=any(s.compiled is not None for s in stages),
+                            compile_s=sum(s.compile_s for s in stages))
 
 
 def _has_tokenizer(checkpoint: str | Path) -> bool:
@@ -258,4 +264,6 @@ def format_result(res: GenerationResult) -> str:
     steps = sorted(res.per_token_ms)
     med = f"{steps[len(steps) // 2]:.2f} ms" if steps else "n/a"
     lines.append(f"split {split}: prefill {res.prefill_ms:.2f} ms, per token median {med} over {len(steps)} decode steps")
+    if res.compiled:
+        lines.append(f"compiled decode: {res.compile_s:.1f} s spent compiling (in the first decode step's time)")
     return "\n".join(lines)

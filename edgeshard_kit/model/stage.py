@@ -14,6 +14,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import n_units
 from edgeshard_kit.model.checkpoint import (head_reads_embedding, load_llama_config, read_tensors, unit_tensor_names,
                                             weight_files)
+from edgeshard_kit.model.compiled import CompiledDecode, StaticKV
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -55,17 +56,22 @@ class StageCache:
     next_pos: torch.Tensor | None = None  # (B,) int64: position id of the next real token
     all_ones: bool = True  # no padding seen: pass no mask at all, as HF generate does
     extra: dict = field(default_factory=dict)
+    capacity: int | None = None  # compiled stages: positions (prompt + new tokens) the static cache is sized for
+    static: StaticKV | None = None  # compiled stages, from the first decode step on: the static KV cache
 
     @property
     def seq_len(self) -> int:
         """Tokens seen so far (padding included)."""
+        if self.static is not None:
+            return self.static.length
         return 0 if self.mask is None else int(self.mask.shape[1])
 
 
 class StageModel(nn.Module):
     """Units [start, end) of a Llama checkpoint: embedding, decoder layers and/or norm + lm_head."""
 
-    def __init__(self, checkpoint: str | Path, start: int, end: int, dtype: str = "float32", device: str = "cpu"):
+    def __init__(self, checkpoint: str | Path, start: int, end: int, dtype: str = "float32", device: str = "cpu",
+                 compile: bool = False):
         super().__init__()
         from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRMSNorm, LlamaRotaryEmbedding
 
@@ -93,6 +99,10 @@ class StageModel(nn.Module):
         self._load_weights()
         self.eval()
         self.param_bytes = sum(p.numel() * p.element_size() for p in self.parameters())
+        # Opt-in compiled decode (model/compiled.py): prefill stays eager, decode steps run one compiled call.
+        self.compiled: CompiledDecode | None = None
+        if compile:
+            self.enable_compile()
 
     def _local_name(self, name: str) -> str:
         """Checkpoint tensor name -> this module's parameter name."""
@@ -129,11 +139,37 @@ class StageModel(nn.Module):
         if missing or unexpected:
             raise KitError(f"stage {self.start}:{self.end}: tensors missing {missing[:3]} / unexpected {unexpected[:3]}")
 
-    def new_cache(self) -> StageCache:
-        """Fresh per-request state (one per request or micro-batch)."""
+    def enable_compile(self) -> CompiledDecode:
+        """Turn on the compiled decode path (kept if already on); KitError when this host cannot compile."""
+        if self.compiled is None:
+            kwarg = _cache_kwarg(type(self.layers[0]).forward) if self.layer_ids else "cache"
+            self.compiled = CompiledDecode(self, kwarg)
+        return self.compiled
+
+    def warm_compile(self, batch: int = 1, max_len: int | None = None) -> float:
+        """Compile the decode step now for `batch` sequences and a static cache sized for `max_len` positions
+        (None: compiled.DEFAULT_CAPACITY, a worker's size) with a dummy one-token request; returns compile_s."""
+        comp = self.enable_compile()
+        if self.has_embed:
+            x = torch.zeros((batch, 1), dtype=torch.long)
+        else:
+            x = torch.zeros((batch, 1, self.config.hidden_size), dtype=self.dtype)
+        cache = self.new_cache(max_len=max_len)
+        self.forward(x, cache)  # prefill (eager)
+        self.forward(x, cache)  # the first decode step: compiles
+        return comp.compile_s
+
+    @property
+    def compile_s(self) -> float:
+        """Seconds spent compiling the decode step so far (0 for an eager stage)."""
+        return self.compiled.compile_s if self.compiled is not None else 0.0
+
+    def new_cache(self, max_len: int | None = None) -> StageCache:
+        """Fresh per-request state (one per request or micro-batch); `max_len` (prompt + new tokens) sizes a
+        compiled stage's static KV cache (None: compiled.DEFAULT_CAPACITY, doubled when full)."""
         from transformers import DynamicCache
 
-        return StageCache(kv=DynamicCache())
+        return StageCache(kv=DynamicCache(), capacity=max_len)
 
     def forward(self, x: torch.Tensor, cache: StageCache, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Run the stage on new tokens: ids (B,T) for unit 0, else hidden (B,T,H); returns hidden or last logits (B,V)."""
@@ -155,6 +191,8 @@ class StageModel(nn.Module):
         else:
             x = x.to(device=self.device, dtype=self.dtype)
         bsz, t = x.shape[0], x.shape[1]
+        if self.compiled is not None and self._static_step(cache, attention_mask, t):
+            return self._compiled_step(x, cache)
         new_mask = self._update_mask(cache, attention_mask, bsz, t)
         # Position ids exactly as HF generate: cumsum of the mask history - 1, padding at 0.
         pos = cache.next_pos[:, None] + new_mask.cumsum(-1) - 1
@@ -181,6 +219,29 @@ class StageModel(nn.Module):
             # Like HF generate (logits_to_keep=1): project only the last position, return float32.
             return self.lm_head(h[:, -1:, :])[:, -1, :].float()
         return h
+
+    def _static_step(self, cache: StageCache, attention_mask: torch.Tensor | None, t: int) -> bool:
+        """Whether this step runs compiled: a one-token step of real tokens after the prefill."""
+        if cache.static is None and cache.mask is None:
+            return False  # the prefill: eager
+        if t != 1 or (attention_mask is not None and not bool(attention_mask.all())):
+            if cache.static is not None:
+                raise KitError(f"stage {self.start}:{self.end} (compiled): after the first decode step only one-token "
+                               f"steps of real tokens can follow, got {t} token(s)")
+            return False
+        return True
+
+    def _compiled_step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
+        """One decode step through the compiled path (static KV cache; positions as the eager path counts them)."""
+        if cache.static is None:
+            cache.static = self.compiled.to_static(cache, cache.capacity)
+        elif cache.static.length >= cache.static.capacity:
+            cache.static = self.compiled.grow(cache, cache.static)
+        if cache.static.valid.shape[0] != x.shape[0]:
+            raise KitError(f"batch size {x.shape[0]} differs from the cache's batch size {cache.static.valid.shape[0]}")
+        pos = cache.next_pos[:, None]
+        cache.next_pos = cache.next_pos + 1
+        return self.compiled.decode(x, pos, cache.static)
 
     def _update_mask(self, cache: StageCache, attention_mask: torch.Tensor | None, bsz: int, t: int) -> torch.Tensor:
         """Append the new tokens' 0/1 mask to the history; returns the new part (B, T) int64 on the stage device."""

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from edgeshard_kit.core.errors import KitError
@@ -13,6 +14,59 @@ from edgeshard_kit.profiling.profile import Profile, load_profile
 from edgeshard_kit.testbed.inventory import Testbed
 
 RETURNS = ("tokens", "logits")
+FRAME_HEADER_BYTES = 110     # the kit's wire header of an activation or token frame (runtime.wire: about 100-120)
+SEGMENT_BYTES = 1448         # TCP payload per segment at MTU 1500 (with TCP timestamps)
+PACKET_OVERHEAD_BYTES = 66   # per segment on the link: Ethernet 14 + IPv4 20 + TCP 20 + timestamps 12
+
+
+def wire_bytes(payload: float, frame_bytes: float = FRAME_HEADER_BYTES) -> float:
+    """Bytes a shaper meters for one message of `payload` bytes: the frame header and every segment's headers."""
+    n = payload + frame_bytes
+    return n + PACKET_OVERHEAD_BYTES * math.ceil(n / SEGMENT_BYTES)
+
+
+@dataclass(frozen=True)
+class LinkModel:
+    """How a message is priced on a shaped link, beyond the paper's latency + bytes x 8 / Mbps.
+
+    A token-bucket shaper (the emulated testbed's tbf, testbed.nsnet) passes `burst_bytes` at line rate when
+    the bucket is full: `idle` = the link idles between messages, as in sequential decode (one message per
+    link per token), so a message costs max(0, wire bytes - burst) x 8 / Mbps; not idle = a busy, pipelined
+    link, every wire byte at the rate. `measured`: (src, dst) -> (goodput Mbps, one-way latency ms) from
+    `edgeshard probe` at the message sizes the model sends; they replace the inventory's figures (the goodput
+    then already counts the headers). The problem's links are the lines through the costs of the two message
+    sizes a link carries (the return token and the decode activation), exact at both.
+    """
+
+    burst_bytes: float = 0.0
+    idle: bool = True
+    measured: Mapping[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    frame_bytes: float = FRAME_HEADER_BYTES
+
+    def message_ms(self, src: str, dst: str, declared: LinkSpec, nbytes: float) -> float:
+        """ms for one message of `nbytes` payload from src to dst (declared: the inventory's link)."""
+        if (src, dst) in self.measured:
+            mbps, lat = self.measured[(src, dst)]
+            busy = 0.0 if math.isinf(mbps) else nbytes * 8.0 / (mbps * 1000.0)
+        else:
+            mbps, lat = declared.mbps, declared.latency_ms
+            busy = 0.0 if math.isinf(mbps) else wire_bytes(nbytes, self.frame_bytes) * 8.0 / (mbps * 1000.0)
+        if self.idle and not math.isinf(declared.mbps):
+            busy = max(0.0, busy - self.burst_bytes * 8.0 / (declared.mbps * 1000.0))
+        return lat + busy
+
+    def effective(self, src: str, dst: str, declared: LinkSpec, small: float, large: float) -> LinkSpec:
+        """The LinkSpec whose latency + bytes x 8 / Mbps equals `message_ms` at `small` and `large` bytes."""
+        t1, t2 = (self.message_ms(src, dst, declared, b) for b in (small, large))
+        if large <= small or t2 <= t1:
+            return LinkSpec(math.inf, max(t1, t2, 0.0))
+        mbps = (large - small) * 8.0 / ((t2 - t1) * 1000.0)
+        return LinkSpec(mbps, max(0.0, t1 - small * 8.0 / (mbps * 1000.0)))
+
+    def to_dict(self) -> dict:
+        return {"burst_bytes": self.burst_bytes, "idle": self.idle, "frame_bytes": self.frame_bytes,
+                "measured": [{"src": a, "dst": b, "mbps": m, "latency_ms": lat}
+                             for (a, b), (m, lat) in self.measured.items()]}
 
 
 @dataclass(frozen=True)
@@ -81,13 +135,16 @@ def _return_bytes(returns: str | float, head_out_bytes: float) -> float:
 
 
 def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Workload | None = None,
-                  runtime: FixedCosts | Mapping[str, Any] | None = None, returns: str | float = "tokens") -> Problem:
+                  runtime: FixedCosts | Mapping[str, Any] | None = None, returns: str | float = "tokens",
+                  links: LinkModel | None = None) -> Problem:
     """The planning problem of `testbed` running the model of `profiles` (one per device type) on `workload`.
 
     `runtime` (`stage_ms` by device type and `step_ms`: runtime.calibrate's `RuntimeCosts`, or a dict of
     the two) adds the runtime's fixed costs per stage and per token; without it the model is the paper's.
     `returns` prices the hop back to the source, per sequence of a micro-batch: "tokens" = 8 bytes (the
     runtime's int64 token ids), "logits" = the head's output bytes (the paper's scripts), or a byte count.
+    `links` (a LinkModel): every link priced by the shaper's burst and the probe's measurements, at this
+    workload's message sizes; without it every link is the inventory's (the paper's model).
     """
     workload = workload or Workload()
     stage_ms, step_ms = _fixed_costs(runtime)
@@ -117,18 +174,24 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
     names = [d.name for d in testbed.devices]
     dl = testbed.default
     default = LinkSpec(dl.mbps, dl.latency_ms)
+    ret = _return_bytes(returns, float(outb[-1]) / pb) * mbs
+    act = max(float(outb[u]) / pb * mbs for u in range(n - 1))  # a decode activation between two stages
     pairs = []
     for a in names:  # every ordered pair that differs from the default is written out
         for b in names:
             if a != b:
                 ln = testbed.link(a, b)
-                if (ln.mbps, ln.latency_ms) != (default.mbps, default.latency_ms):
-                    pairs.append((a, b, LinkSpec(ln.mbps, ln.latency_ms)))
-    ret = _return_bytes(returns, float(outb[-1]) / pb) * mbs
+                spec = LinkSpec(ln.mbps, ln.latency_ms)
+                if links is not None:
+                    spec = links.effective(a, b, spec, ret, act)
+                if (spec.mbps, spec.latency_ms) != (default.mbps, default.latency_ms):
+                    pairs.append((a, b, spec))
     meta = {"model": ref.model, "workload": workload.to_dict(), "returns": returns, "testbed": testbed.name,
             "profiles": {k: p.model for k, p in profiles.items()}}
     if runtime:
         meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms}
+    if links is not None:
+        meta["link_model"] = links.to_dict()
     # tied embeddings: the head's bytes include unit 0's tensor, held once by a device that has both
     problem = Problem(units, tuple(devices), default, tuple(pairs), ret, mbs, meta, step_ms,
                       tied_bytes=float(ref.tied_bytes))

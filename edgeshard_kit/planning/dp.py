@@ -17,6 +17,7 @@ import math
 import numpy as np
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.numbers import human_sizes
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.plan import Plan, figures, make_plan
 from edgeshard_kit.planning.problem import EPS_MS, Problem
@@ -31,17 +32,21 @@ def device_types(problem: Problem) -> list[list[int]]:
     names = problem.names
     lat = np.zeros((m, m))
     inv = np.zeros((m, m))
+    pairs = {}
+    for a, b, ln in problem.pairs:  # Problem.link: the first matching pair wins
+        pairs.setdefault((a, b), ln)
     for a in range(m):
         for b in range(m):
             if a != b:
-                ln = problem.link(names[a], names[b])
+                ln = pairs.get((names[a], names[b]), problem.default_link)
                 lat[a, b], inv[a, b] = ln.latency_ms, (0.0 if math.isinf(ln.mbps) else 8.0 / (ln.mbps * 1000.0))
 
     def swappable(a: int, b: int) -> bool:
         da, db = problem.devices[a], problem.devices[b]
         if da.unit_ms != db.unit_ms or da.memory_bytes != db.memory_bytes or da.stage_ms != db.stage_ms:
             return False
-        others = [x for x in range(m) if x not in (a, b)]
+        others = np.ones(m, dtype=bool)
+        others[[a, b]] = False
         return (np.array_equal(lat[a, others], lat[b, others]) and np.array_equal(lat[others, a], lat[others, b])
                 and np.array_equal(inv[a, others], inv[b, others]) and np.array_equal(inv[others, a], inv[others, b])
                 and lat[a, b] == lat[b, a] and inv[a, b] == inv[b, a])
@@ -117,40 +122,70 @@ def _whole_fits(problem: Problem, tb: _Tables, cap_ms: float) -> bool:
     return fits and tb.P[0, -1] + tb.O[0] <= cap_ms + EPS_MS
 
 
+class _WindowMin:
+    """Minima over the rows [lo, e) of a table filled row by row, lo and e never decreasing.
+
+    A two-stack queue: rows before `mid` keep suffix minima (computed in one numpy call when the
+    window's start passes `mid`), rows from `mid` on are folded into one running minimum; every row
+    is touched O(1) times, so a window minimum costs O(S) instead of O(window x S).
+    """
+
+    def __init__(self, rows: np.ndarray):
+        self.rows = rows  # (N + 1, S), row s final once the caller asks for a window ending after s
+        self.suf = np.full(rows.shape, np.inf)
+        self.back = np.full(rows.shape[1], np.inf)
+        self.mid = self.end = 0
+
+    def min(self, lo: int, e: int) -> np.ndarray:
+        """Elementwise minimum of rows[lo:e] (lo < e), shape (S,)."""
+        if e > self.end:
+            start = max(self.end, self.mid)
+            if e == start + 1:
+                np.minimum(self.back, self.rows[start], out=self.back)
+            elif e > start:
+                np.minimum(self.back, self.rows[start:e].min(axis=0), out=self.back)
+            self.end = e
+        if lo >= self.mid:  # the suffix part is used up: rebuild it from the rows now in the window
+            self.suf[lo:e] = np.minimum.accumulate(self.rows[lo:e][::-1], axis=0)[::-1]
+            self.mid = e
+            self.back.fill(np.inf)
+            return self.suf[lo].copy()
+        return np.minimum(self.suf[lo], self.back)
+
+
 def _default_dp(problem: Problem, objective: str, cap_ms: float = math.inf):
-    """The default-variant DP; returns (best value, stages) or None."""
+    """The default-variant DP; returns (best value, stages) or None.
+
+    Only values are stored; the walk back recomputes each step's argmin from the same expressions,
+    so it reproduces the stored optimum exactly. For latency the stage cost separates, so each step
+    is a sliding-window minimum (`_WindowMin`); for throughput it is a minimum over the window.
+    """
     tb = _Tables(problem, cap_ms)
-    T, N, S, P = tb.T, tb.N, tb.S, tb.P
+    T, N, S, P, O = tb.T, tb.N, tb.S, tb.P, tb.O
+    lat = objective == "latency"
     D = np.full((N + 1, T, S), np.inf)
-    PS = np.zeros((N + 1, T, S), dtype=np.int32)  # start of the last stage
     A = np.full((N + 1, T, S), np.inf)  # best value entering a stage at s on type t (latency: minus P[t, s])
-    AL = np.zeros((N + 1, T, S), dtype=np.int16)  # ... and the type of the stage before it
+    blocked = np.where(tb.full, np.inf, 0.0)  # (T, S): inf where count vector C has no device of type t left
     s0 = tb.stride[0]
     for e in range(1, N + 1):  # the first stage: the source, units [0, e)
         if tb.lo[0, e] == 0 or (e == N and _whole_fits(problem, tb, cap_ms)):
-            D[e, 0, s0] = P[0, e] + tb.O[0]
-    lat = objective == "latency"
+            D[e, 0, s0] = P[0, e] + O[0]
+    wins = [_WindowMin(A[:, t, :]) for t in range(T)] if lat else []
     for e in range(1, N + 1):
         for t in range(T):
             lo = max(int(tb.lo[t, e]), 1)
             if lo >= e:
                 continue
-            W = A[lo:e, t, :]
-            if not lat:
-                W = np.maximum(W, (P[t, e] - P[t, lo:e] + tb.O[t])[:, None])
-            k = W.argmin(axis=0)
-            v = W[k, np.arange(S)] + (P[t, e] + tb.O[t] if lat else 0.0)
+            if lat:
+                v = wins[t].min(lo, e)
+                v += P[t, e] + O[t]
+            else:
+                v = np.maximum(A[lo:e, t, :], (P[t, e] - P[t, lo:e] + O[t])[:, None]).min(axis=0)
             st = tb.stride[t]
-            cand, cur = v[: S - st], D[e, t, st:]
-            better = cand < cur
-            cur[better] = cand[better]
-            PS[e, t, st:][better] = (k[: S - st] + lo)[better]
-        if e < N:
-            for t in range(T):
-                X = D[e] + tb.Tr[e, :, t][:, None] if lat else np.maximum(D[e], tb.Tr[e, :, t][:, None])
-                X[:, tb.full[t]] = np.inf
-                AL[e, t] = X.argmin(axis=0)
-                A[e, t] = X[AL[e, t], np.arange(S)] - (P[t, e] if lat else 0.0)
+            np.minimum(D[e, t, st:], v[: S - st], out=D[e, t, st:])
+        if e < N:  # X[l, t, C]: D[e, l, C] then the transfer from type l into a stage on type t at e
+            X = D[e][:, None, :] + tb.Tr[e][:, :, None] if lat else np.maximum(D[e][:, None, :], tb.Tr[e][:, :, None])
+            A[e] = X.min(axis=0) + blocked - (P[:, e][:, None] if lat else 0.0)
     final = D[N] + tb.ret_cs if lat else np.maximum(D[N], tb.ret_cs)
     if not np.isfinite(final).any():
         return None
@@ -158,14 +193,15 @@ def _default_dp(problem: Problem, objective: str, cap_ms: float = math.inf):
     best = float(final[t, c]) + (problem.step_ms if lat else 0.0)
     # walk back: (end, type, counts) -> stages with types; then give each type's devices in order
     typed, e = [], N
-    while True:
-        if t == 0 and c == s0:  # the first stage (only the source used so far)
-            typed.append((0, 0, e))
-            break
-        s = int(PS[e, t, c])
-        prev_c = c - tb.stride[t]
+    while not (t == 0 and c == s0):  # until the first stage (only the source used so far)
+        pc = c - tb.stride[t]
+        lo = max(int(tb.lo[t, e]), 1)
+        col = A[lo:e, t, pc] if lat else np.maximum(A[lo:e, t, pc], P[t, e] - P[t, lo:e] + O[t])
+        s = lo + int(np.argmin(col))
+        x = D[s, :, pc] + tb.Tr[s, :, t] if lat else np.maximum(D[s, :, pc], tb.Tr[s, :, t])
         typed.append((t, s, e))
-        t, c, e = int(AL[s, t, prev_c]), prev_c, s
+        t, c, e = int(np.argmin(x)), pc, s
+    typed.append((0, 0, e))
     typed.reverse()
     used = {g: 0 for g in range(T)}
     stages = []
@@ -201,19 +237,19 @@ def solve_value(problem: Problem, objective: str, relay: bool = False, cap_ms: f
 
 def infeasible_reason(problem: Problem) -> str:
     """The tightest memory constraint that no plan can meet."""
-    gb = 1e9
     need = sum(u.mem_bytes for u in problem.units) - problem.shared_bytes(range(problem.n_units))  # tied: once
     have = sum(d.memory_bytes for d in problem.devices)
     src = problem.devices[problem.source]
     if problem.units[0].mem_bytes > src.memory_bytes:
-        return (f"infeasible: the source {src.name} cannot hold unit 0 ({problem.units[0].mem_bytes / gb:.3f} GB "
-                f"> {src.memory_bytes / gb:.3f} GB)")
+        return ("infeasible: the source {} cannot hold unit 0 ({} > {})"
+                .format(src.name, *human_sizes(problem.units[0].mem_bytes, src.memory_bytes)))
     if have < need:
-        return f"infeasible: total memory of all devices {have / gb:.3f} GB < model {need / gb:.3f} GB"
+        return "infeasible: total memory of all devices {} < model {}".format(*human_sizes(have, need))
     biggest = max(d.memory_bytes for d in problem.devices)
     for i, u in enumerate(problem.units):
         if u.mem_bytes > biggest:
-            return f"infeasible: unit {i} ({u.name}) needs {u.mem_bytes / gb:.3f} GB, more than any device ({biggest / gb:.3f} GB)"
+            return ("infeasible: unit {} ({}) needs {}, more than any device ({})"
+                    .format(i, u.name, *human_sizes(u.mem_bytes, biggest)))
     return ("infeasible: no split into contiguous stages fits the devices' memory "
             "(each device runs at most one stage; try --relay)")
 

@@ -9,13 +9,22 @@ from typing import Any
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import read_json, write_json
+from edgeshard_kit.core.numbers import human_sizes
+from edgeshard_kit.core.schema import validate
 from edgeshard_kit.core.units import Stage, validate_ranges
 from edgeshard_kit.planning.problem import Problem
+from edgeshard_kit.planning.schema import PlanIn
+
+
+# EdgeShard's name per objective of the plain DP (planning.objectives.METHOD_NAMES is the full list, with the
+# throughput at K micro-batches): a plan made without a method name gets this one.
+EDGESHARD_METHOD = {"latency": "EdgeShard-latency", "throughput": "EdgeShard-throughput (steady state)"}
 
 
 @dataclass(frozen=True)
 class Plan:
-    """A plan: ordered stages and the predicted figures (ms, tokens/s, bytes)."""
+    """A plan: ordered stages and the predicted figures (ms, tokens/s, bytes); `method` defaults to EdgeShard's
+    name for `objective` (EDGESHARD_METHOD)."""
 
     objective: str
     stages: tuple[Stage, ...]
@@ -26,10 +35,14 @@ class Plan:
     stage_transfer_ms: tuple[float, ...] = ()  # after stage i: to stage i+1, or back to the source
     memory_bytes: dict = field(default_factory=dict, compare=False, hash=False)  # device -> bytes
     relay: bool = False
-    method: str = "edgeshard"
+    method: str = ""
     feasible: bool = True
     reason: str = ""
     micro_batch_size: int = 1
+
+    def __post_init__(self):
+        if not self.method:
+            object.__setattr__(self, "method", EDGESHARD_METHOD.get(self.objective, f"EdgeShard-{self.objective}"))
 
     @property
     def devices(self) -> list[str]:
@@ -46,18 +59,19 @@ class Plan:
 
     @classmethod
     def from_dict(cls, d: Any, where: str = "plan") -> "Plan":
-        if not isinstance(d, dict) or not isinstance(d.get("stages"), list):
-            raise KitError(f"{where}: expected an object with a list of stages")
-        stages = tuple(Stage.from_dict(s) for s in d["stages"])
+        """A Plan from its JSON form; KitError "WHERE: field: why" (one line) when a field is missing or wrong.
+
+        Coverage of the model's units and the devices are checked where the model and testbed are known
+        (`figures`, `deploy`)."""
+        x = validate(PlanIn, d, where)
         nan = float("nan")
-        return cls(objective=str(d.get("objective", "latency")), stages=stages,
-                   latency_ms=float(d.get("latency_ms", nan)), bottleneck_ms=float(d.get("bottleneck_ms", nan)),
-                   throughput_per_s=float(d.get("throughput_per_s", nan)),
-                   stage_compute_ms=tuple(d.get("stage_compute_ms", ())),
-                   stage_transfer_ms=tuple(d.get("stage_transfer_ms", ())),
-                   memory_bytes=dict(d.get("memory_bytes", {})), relay=bool(d.get("relay", False)),
-                   method=str(d.get("method", "edgeshard")), feasible=bool(d.get("feasible", True)),
-                   reason=str(d.get("reason", "")), micro_batch_size=int(d.get("micro_batch_size", 1)))
+        return cls(objective=x.objective, stages=tuple(Stage(s.device, s.start, s.end) for s in x.stages),
+                   latency_ms=nan if x.latency_ms is None else x.latency_ms,
+                   bottleneck_ms=nan if x.bottleneck_ms is None else x.bottleneck_ms,
+                   throughput_per_s=nan if x.throughput_per_s is None else x.throughput_per_s,
+                   stage_compute_ms=tuple(x.stage_compute_ms), stage_transfer_ms=tuple(x.stage_transfer_ms),
+                   memory_bytes=dict(x.memory_bytes), relay=x.relay, method=x.method, feasible=x.feasible,
+                   reason=x.reason, micro_batch_size=x.micro_batch_size)
 
 
 def save_plan(plan: Plan, path: str | Path) -> Path:
@@ -66,9 +80,9 @@ def save_plan(plan: Plan, path: str | Path) -> Path:
 
 
 def load_plan(path: str | Path) -> Plan:
-    """Read a plan JSON file (the runtime reads `plan.stages`)."""
+    """Read a plan JSON file (the runtime reads `plan.stages`); KitError "FILE: field: why" when it is malformed."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise KitError(f"plan file {p} does not exist")
     return Plan.from_dict(read_json(p), str(p))
 
@@ -101,7 +115,7 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
             link_load[(s.device, nxt)] = link_load.get((s.device, nxt), 0.0) + t  # a directed link is one resource
     for s in stages:  # one worker per stage: only a stage holding unit 0 and the head holds the tied tensor once
         mem[s.device] -= problem.shared_bytes(range(s.start, s.end))
-    over = [f"{n} needs {m / 1e9:.3f} GB > its {problem.devices[idx[n]].memory_bytes / 1e9:.3f} GB"
+    over = ["{} needs {} > its {}".format(n, *human_sizes(m, problem.devices[idx[n]].memory_bytes))
             for n, m in mem.items() if m > problem.devices[idx[n]].memory_bytes * (1 + 1e-12)]
     if stages[0].device != src:
         over.insert(0, f"unit 0 must run on the source {src}, not {stages[0].device}")
@@ -114,7 +128,7 @@ def figures(problem: Problem, stages: list[Stage] | tuple[Stage, ...]) -> dict:
 
 
 def make_plan(problem: Problem, stages: list[Stage] | tuple[Stage, ...], objective: str, relay: bool = False,
-              method: str = "edgeshard") -> Plan:
+              method: str = "") -> Plan:
     """A Plan with the figures the cost model predicts for `stages`."""
     f = figures(problem, stages)
     return Plan(objective, tuple(stages), f["latency_ms"], f["bottleneck_ms"], f["throughput_per_s"],

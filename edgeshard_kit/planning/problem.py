@@ -9,7 +9,8 @@ from typing import Any
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import read_json, write_json
-from edgeshard_kit.core.numbers import number
+from edgeshard_kit.core.schema import validate
+from edgeshard_kit.planning.schema import LinksIn, ProblemIn
 
 EPS_MS = 1e-9  # tolerance of the solvers' comparisons of times (ms) against caps and bounds
 __all__ = ["EPS_MS", "Unit", "DeviceSpec", "LinkSpec", "Problem", "problem_from_dict", "load_problem", "save_problem",
@@ -127,80 +128,54 @@ class Problem:
         return problem_from_dict(d, where)
 
 
-def _link_from(d: Any, where: str) -> LinkSpec:
-    if not isinstance(d, dict):
-        raise KitError(f"{where}: expected an object with mbps and latency_ms, got {d!r}")
-    if "mbps" not in d:
-        raise KitError(f"{where} lacks the field 'mbps'")
-    mbps = number(d["mbps"], f"{where}.mbps", allow_inf=True, minimum=0)
-    if mbps == 0:
-        raise KitError(f"{where}.mbps: must be > 0")
-    return LinkSpec(mbps, number(d.get("latency_ms", 0.0), f"{where}.latency_ms", minimum=0))
-
-
 def problem_from_dict(d: Any, where: str = "problem") -> Problem:
-    """Build and validate a Problem from its JSON form; KitError names the bad field."""
-    if not isinstance(d, dict):
-        raise KitError(f"{where}: expected a JSON object")
-    for key in ("units", "devices"):
-        if not isinstance(d.get(key), list) or not d[key]:
-            raise KitError(f"{where}.{key}: missing or empty list")
-    units = []
-    for i, u in enumerate(d["units"]):
-        w = f"units[{i}]"
-        if not isinstance(u, dict):
-            raise KitError(f"{w}: expected an object")
-        units.append(Unit(str(u.get("name", f"unit{i}")), number(u.get("mem_bytes"), f"{w}.mem_bytes", minimum=0),
-                          number(u.get("out_bytes", 0), f"{w}.out_bytes", minimum=0)))
+    """Build and validate a Problem from its JSON form; KitError "WHERE: field: why" (one line) otherwise.
+
+    The schema (planning.schema.ProblemIn) checks every field's type and range; here the rules between
+    fields: unit_ms as long as units, device names unique, exactly one source, pairs between known devices.
+    """
+    x = validate(ProblemIn, d, where)
+    units = tuple(Unit(u.name or f"unit{i}", u.mem_bytes, u.out_bytes) for i, u in enumerate(x.units))
     devices, seen = [], set()
-    for i, dev in enumerate(d["devices"]):
-        w = f"devices[{i}]"
-        if not isinstance(dev, dict) or "name" not in dev:
-            raise KitError(f"{w}: expected an object with a name")
-        name = str(dev["name"])
-        if name in seen:
-            raise KitError(f"{w}.name: device {name!r} appears twice")
-        seen.add(name)
-        ms = dev.get("unit_ms")
-        if not isinstance(ms, list):
-            raise KitError(f"{w}.unit_ms: expected a list of {len(units)} numbers")
-        if len(ms) != len(units):
-            raise KitError(f"{w}.unit_ms has {len(ms)} entries, units has {len(units)}")
-        devices.append(DeviceSpec(name, number(dev.get("memory_bytes"), f"{w}.memory_bytes", minimum=0),
-                                  tuple(number(x, f"{w}.unit_ms[{j}]", minimum=0) for j, x in enumerate(ms)),
-                                  bool(dev.get("source", False)), bool(dev.get("cloud", False)),
-                                  number(dev.get("stage_ms", 0.0), f"{w}.stage_ms", minimum=0)))
-    sources = [x.name for x in devices if x.source]
+    for i, dev in enumerate(x.devices):
+        w = f"{where}: devices[{i}]"
+        if dev.name in seen:
+            raise KitError(f"{w}.name: device {dev.name!r} appears twice")
+        seen.add(dev.name)
+        if len(dev.unit_ms) != len(units):
+            raise KitError(f"{w}.unit_ms has {len(dev.unit_ms)} entries, units has {len(units)}")
+        devices.append(DeviceSpec(dev.name, dev.memory_bytes, tuple(dev.unit_ms), dev.source, dev.cloud, dev.stage_ms))
+    sources = [dev.name for dev in devices if dev.source]
     if len(sources) != 1:
-        raise KitError(f"{where}.devices: exactly one source device needed, found "
+        raise KitError(f"{where}: devices: exactly one source device needed, found "
                        f"{len(sources)}{' (' + ', '.join(sources) + ')' if sources else ''}")
-    links = d.get("links", {}) or {}
-    if not isinstance(links, dict):
-        raise KitError(f"{where}.links: expected an object with default and pairs")
-    default = _link_from(links["default"], "links.default") if "default" in links else LinkSpec(math.inf, 0.0)
-    pairs = []
-    for i, p in enumerate(links.get("pairs", []) or []):
-        w = f"links.pairs[{i}]"
+    links = x.links or LinksIn()
+    default = LinkSpec(links.default.mbps, links.default.latency_ms) if links.default else LinkSpec(math.inf, 0.0)
+    pairs, seen_pairs = [], set()
+    for i, p in enumerate(links.pairs or []):
+        w = f"{where}: links.pairs[{i}]"
         for end in ("src", "dst"):
-            if not isinstance(p, dict) or p.get(end) not in seen:
-                got = p.get(end) if isinstance(p, dict) else p
-                raise KitError(f"{w}.{end}: unknown device {got!r} (devices: {', '.join(sorted(seen))})")
-        pairs.append((str(p["src"]), str(p["dst"]), _link_from(p, w)))
-    mbs = number(d.get("micro_batch_size", 1), f"{where}.micro_batch_size", minimum=1)
-    tied = number(d.get("tied_bytes", 0.0), f"{where}.tied_bytes", minimum=0)
+            if getattr(p, end) not in seen:
+                raise KitError(f"{w}.{end}: unknown device {getattr(p, end)!r} (devices: {', '.join(sorted(seen))})")
+        if p.src == p.dst:
+            raise KitError(f"{w}: src and dst are both {p.src!r}")
+        if (p.src, p.dst) in seen_pairs:
+            raise KitError(f"{w}: duplicate link {p.src} -> {p.dst}")
+        seen_pairs.add((p.src, p.dst))
+        pairs.append((p.src, p.dst, LinkSpec(p.mbps, p.latency_ms)))
+    tied = x.tied_bytes
     if tied and (len(units) < 2 or tied > min(units[0].mem_bytes, units[-1].mem_bytes)):
-        raise KitError(f"{where}.tied_bytes: {tied:g} bytes cannot be shared by unit 0 and the last unit "
+        raise KitError(f"{where}: tied_bytes: {tied:g} bytes cannot be shared by unit 0 and the last unit "
                        f"(their mem_bytes: {units[0].mem_bytes:g} and {units[-1].mem_bytes:g})")
-    return Problem(tuple(units), tuple(devices), default, tuple(pairs),
-                   number(d.get("return_bytes", TOKEN_ID_BYTES * int(mbs)), f"{where}.return_bytes", minimum=0), int(mbs),
-                   dict(d.get("meta", {}) or {}),
-                   number(d.get("step_ms", 0.0), f"{where}.step_ms", minimum=0), tied)
+    mbs = x.micro_batch_size
+    return_bytes = TOKEN_ID_BYTES * mbs if x.return_bytes is None else x.return_bytes
+    return Problem(units, tuple(devices), default, tuple(pairs), return_bytes, mbs, dict(x.meta or {}), x.step_ms, tied)
 
 
 def load_problem(path: str | Path) -> Problem:
-    """Read a problem JSON file."""
+    """Read a problem JSON file; KitError "FILE: field: why" (one line) when it is not a valid problem."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise KitError(f"problem file {p} does not exist")
     return problem_from_dict(read_json(p), str(p))
 

@@ -19,38 +19,100 @@ from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.problem import EPS_MS, Problem
 
 
+def _link_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
+    """(latency_ms, mbps) of every directed link as (M, M) arrays; the diagonal is unused."""
+    M, names = len(problem.devices), problem.names
+    pairs: dict = {}
+    for a, b, ln in problem.pairs:  # Problem.link: the first matching pair wins
+        pairs.setdefault((a, b), ln)
+    lat, mbps = np.zeros((M, M)), np.full((M, M), np.inf)
+    for a in range(M):
+        for b in range(M):
+            ln = pairs.get((names[a], names[b]), problem.default_link)
+            lat[a, b], mbps[a, b] = ln.latency_ms, ln.mbps
+    return lat, mbps
+
+
+def _transfer_matrix(lat: np.ndarray, mbps: np.ndarray, nbytes: float) -> np.ndarray:
+    """Tr[a, b]: ms to send nbytes from a to b (as LinkSpec.transfer_ms computes it); inf on the diagonal."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        tr = lat + np.where(np.isinf(mbps), 0.0, nbytes * 8.0 / (mbps * 1000.0))
+    np.fill_diagonal(tr, np.inf)
+    return tr
+
+
 def _relay_bound(problem: Problem, objective: str, cap_ms: float) -> np.ndarray:
-    """H[u, d]: a lower bound on finishing units [u, N) after a stage on d ended at u (memory per stage only)."""
+    """H[u, d]: a lower bound on finishing units [u, N) after a stage on d ended at u (memory per stage only).
+
+    H[u, d] = min over d2 != d, e > u of Tr[d, d2] + comp[d2, u, e] + H[e, d2] (throughput: max);
+    the minimum over e does not depend on d, so each u costs O(M (N + M)) in a few numpy calls.
+    """
     N, M = problem.n_units, len(problem.devices)
-    names = problem.names
     Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
     P = np.array([np.concatenate([[0.0], np.cumsum(d.unit_ms)]) for d in problem.devices])
+    memcap = np.array([d.memory_bytes * (1 + 1e-12) + 1e-6 for d in problem.devices])
+    stage_ms = np.array([d.stage_ms for d in problem.devices])
+    lat_m, mbps = _link_arrays(problem)
     H = np.full((N + 1, M), np.inf)
     src = problem.source
-    for d in range(M):
-        r = problem.transfer_ms(names[d], names[src], problem.return_bytes)
-        H[N, d] = r if r <= cap_ms + EPS_MS else np.inf
+    ret = _transfer_matrix(lat_m, mbps, problem.return_bytes)[:, src]
+    ret[src] = 0.0
+    H[N] = np.where(ret <= cap_ms + EPS_MS, ret, np.inf)
     lat = objective == "latency"
     for u in range(N - 1, 0, -1):
-        nbytes = problem.units[u - 1].out_bytes
-        for d in range(M):
-            best = np.inf
-            for d2 in range(M):
-                if d2 == d:
-                    continue
-                tr = problem.transfer_ms(names[d], names[d2], nbytes)
-                if tr > cap_ms + EPS_MS:
-                    continue
-                es = np.arange(u + 1, N + 1)
-                ok = (Q[es] - Q[u] <= problem.devices[d2].memory_bytes * (1 + 1e-12) + 1e-6)
-                comp = P[d2, es] - P[d2, u] + problem.devices[d2].stage_ms
-                ok &= comp <= cap_ms + EPS_MS
-                if not ok.any():
-                    continue
-                vals = (tr + comp + H[es, d2]) if lat else np.maximum(np.maximum(tr, comp), H[es, d2])
-                best = min(best, float(vals[ok].min()))
-            H[u, d] = best
+        tr = _transfer_matrix(lat_m, mbps, problem.units[u - 1].out_bytes)
+        tr[tr > cap_ms + EPS_MS] = np.inf
+        comp = P[:, u + 1:] - P[:, u:u + 1] + stage_ms[:, None]  # (d2, e) for e = u+1..N
+        ok = (Q[None, u + 1:] - Q[u] <= memcap[:, None]) & (comp <= cap_ms + EPS_MS)
+        inner = comp + H[u + 1:].T if lat else np.maximum(comp, H[u + 1:].T)
+        R = np.where(ok, inner, np.inf).min(axis=1)  # best finish after entering d2 at u
+        H[u] = (tr + R[None, :]).min(axis=1) if lat else np.maximum(tr, R[None, :]).min(axis=1)
     return H
+
+
+def _canonical(groups: list[list[int]], src: int):
+    """key(last, mem, loads, links, nst): one key for states that differ only by a renaming of interchangeable devices.
+
+    Devices of one type (`groups`, the source kept apart: it starts and may end the plan) are sorted by
+    their (memory, load, stages) and renamed by rank; links are renamed the same way. Two states with
+    one key are the same up to such a renaming, so they have the same completions (ties in the sort
+    only cost merges, never correctness: the key holds everything renamed).
+    """
+    classes = [[d for d in g if d != src] for g in groups] + [[src]]
+
+    def key(last, mem, loads, links, nst):
+        rank, parts = {}, []
+        for ci, g in enumerate(classes):
+            rows = sorted((mem[d], loads[d], nst[d], d) for d in g if d != last)
+            for r, row in enumerate(rows):
+                rank[row[3]] = (ci, r)
+            parts.append(tuple(row[:3] for row in rows))
+            if last in g:
+                rank[last] = (ci, -1)
+                parts.append((ci, mem[last], loads[last], nst[last]))
+        return tuple(parts), tuple(sorted((rank[a], rank[b], v) for (a, b), v in links))
+
+    return key
+
+
+def _owed(groups: list[list[int]], src: int, last: int, nst: tuple, u: int, n: int) -> int:
+    """Stages a canonical completion still owes: devices never used, of a type one of whose devices runs 2+ stages.
+
+    Exchange argument: a stage on a device with two or more stages moves to an unused device of its
+    type without raising any device's or link's load or the latency, so some optimal plan reuses a
+    device only once all devices of its type are in use. The one exception is the source ending the
+    plan with its second stage (that saves the return transfer).
+    """
+    owed = 0
+    for g in groups:
+        unused = sum(1 for d in g if nst[d] == 0)
+        if not unused:
+            continue
+        for d in g:
+            if nst[d] >= 3 or (nst[d] == 2 and not (d == src and u == n and last == src)):
+                owed += unused
+                break
+    return owed
 
 
 def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: int,
@@ -58,8 +120,10 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
     """Exact relay optimum (value, stages) by A* over partial plans with per-device memory (and loads) in the state.
 
     Pruned by `incumbent`, the default-variant optimum (a relay plan too; None if none fits), as an
-    upper bound, and by symmetry: of the not-yet-used devices of one type (`groups`, dp.device_types)
-    only the first is tried.
+    upper bound; by symmetry: of the not-yet-used devices of one type (`groups`, dp.device_types)
+    only the first is tried, and states equal up to a renaming of devices of one type are merged
+    (`_canonical`); and by the exchange argument of `_owed` (a device runs a second stage only when
+    its whole type is in use, or the source ends the plan).
     """
     N, M = problem.n_units, len(problem.devices)
     names = problem.names
@@ -72,14 +136,28 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
     step = problem.step_ms if lat else 0.0  # a constant of every plan: kept out of g, added at the end
     ub = (incumbent[0] - step) * (1 - 1e-12) if incumbent else math.inf
     cap_bound = _capacity_bound(problem, objective)
+    canon = _canonical(groups, src)
+    link_lat, link_mbps = _link_arrays(problem)
+
+    def transfer(a: int, b: int, nbytes: float) -> float:  # Problem.transfer_ms without the name look-ups
+        if a == b:
+            return 0.0
+        mb = link_mbps[a, b]
+        return float(link_lat[a, b] + (0.0 if math.isinf(mb) else nbytes * 8.0 / (mb * 1000.0)))
     heap: list = []
     seen: dict = {}
     counter = 0
 
-    def push(u, last, mem, loads, links, g, stages):
+    def state_key(u, last, mem, loads, links, nst):
+        return (u,) + canon(last, mem, loads if not lat else (0.0,) * M, () if lat else links, nst)
+
+    def push(u, last, mem, loads, links, nst, g, stages):
         nonlocal counter
+        owed = _owed(groups, src, last, nst, u, N)
+        if owed > N - u:
+            return  # not enough units left for the unused devices a canonical plan must still use
         if u == N:
-            r = problem.transfer_ms(names[last], names[src], problem.return_bytes)
+            r = transfer(last, src, problem.return_bytes)
             if r > cap_ms + EPS_MS:
                 return
             f = g + r if lat else (max(g, dict(links).get((last, src), 0.0) + r) if last != src else g)
@@ -88,7 +166,11 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
             f = g + h if lat else max(g, h)
         if f >= ub:  # cannot beat the default-variant plan
             return
-        heapq.heappush(heap, (f, counter, u, last, mem, loads, links, g, stages, u == N))
+        key = state_key(u, last, mem, loads, links, nst)
+        if seen.get(key, math.inf) <= g:
+            return  # an equivalent state (up to renaming devices of one type) is already as good
+        seen[key] = g
+        heapq.heappush(heap, (f, counter, u, last, mem, loads, links, nst, g, stages, u == N, key))
         counter += 1
 
     stage_ms = [d.stage_ms for d in problem.devices]
@@ -99,10 +181,13 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
         if q <= memcap[src] and c <= cap_ms + EPS_MS:
             mem = tuple(q if i == src else 0.0 for i in range(M))
             loads = tuple(c if i == src else 0.0 for i in range(M))
-            push(e, src, mem, loads, (), c, ((src, 0, e),))
+            nst = tuple(1 if i == src else 0 for i in range(M))
+            push(e, src, mem, loads, (), nst, c, ((src, 0, e),))
     expanded = 0
     while heap:
-        f, _, u, last, mem, loads, links, g, stages, bounded = heapq.heappop(heap)
+        f, _, u, last, mem, loads, links, nst, g, stages, bounded, key = heapq.heappop(heap)
+        if seen.get(key, math.inf) < g:
+            continue  # superseded by a better equivalent state
         if u == N:
             return f + step, [Stage(names[d], s, e) for d, s, e in stages]
         if not bounded:  # lazily tighten with the memory/capacity bound, then queue again
@@ -110,28 +195,26 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
             if f2 >= ub:
                 continue
             if f2 > f:
-                heapq.heappush(heap, (f2, counter, u, last, mem, loads, links, g, stages, True))
+                heapq.heappush(heap, (f2, counter, u, last, mem, loads, links, nst, g, stages, True, key))
                 counter += 1
                 continue
-        key = (u, last, mem, None if lat else loads, None if lat else links)
-        if seen.get(key, math.inf) <= g:
-            continue
-        seen[key] = g
         expanded += 1
         if expanded > max_states:
+            best = f"{incumbent[0]:.6g}" if incumbent else "none found"
             raise KitError(f"relay search gave up after {max_states} states (exact relay planning is exponential "
-                           f"in the worst case); plan without --relay")
-        used = {d for d, _, _ in stages}
-        cands = [d for d in sorted(used) if d != last]
-        cands += [next(d for d in g_ if d not in used) for g_ in groups if any(d not in used for d in g_)]
+                           f"in the worst case): the relay optimum is at least {f + step:.6g} ms (best plan: "
+                           f"{best}); plan without --relay")
+        cands = [d for d in range(M) if nst[d] and d != last]
+        cands += [next(d for d in g_ if not nst[d]) for g_ in groups if any(not nst[d] for d in g_)]
         nbytes = problem.units[u - 1].out_bytes
         for d in cands:
-            tr = problem.transfer_ms(names[last], names[d], nbytes)
+            tr = transfer(last, d, nbytes)
             if tr > cap_ms + EPS_MS:
                 continue
             ld = dict(links)
             ld[(last, d)] = ld.get((last, d), 0.0) + tr
             new_links = tuple(sorted(ld.items()))
+            new_nst = nst[:d] + (nst[d] + 1,) + nst[d + 1:]
             for e in range(u + 1, N + 1):
                 m = mem[d] + Q[e] - Q[u]  # a later stage is another worker: no tied tensor to share
                 if m > memcap[d]:
@@ -143,7 +226,7 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
                 g2 = g + tr + c if lat else max(g, ld[(last, d)], new_loads[d])
                 if g2 >= ub:
                     break  # longer stages only cost more
-                push(e, d, mem[:d] + (m,) + mem[d + 1:], new_loads, new_links, g2, stages + ((d, u, e),))
+                push(e, d, mem[:d] + (m,) + mem[d + 1:], new_loads, new_links, new_nst, g2, stages + ((d, u, e),))
     return incumbent
 
 
@@ -182,26 +265,33 @@ def _capacity_bound(problem: Problem, objective: str):
             return g + float((take[fin] * r[order][fin]).sum())
         # throughput: smallest B with sum_d min(avail_d, (B - load_d) / r_d) >= need, where a device
         # counts only if B covers the cheapest transfer into it (every later stage starts with one)
-        ld = np.asarray(loads)
-        fin = np.isfinite(r) & (r > 0)
-        if not fin.any():
+        # cover(B) is piecewise linear between the breakpoints (a load, a saturation, a cheapest
+        # transfer), so the least B is found exactly: the first breakpoint that covers, then back
+        # along the segment before it
+        ld, mi = np.asarray(loads), min_in[:, u]
+        use = np.isfinite(r) & (avail > 0)
+        if not use.any():
             return g
-
-        def cover(b: float) -> float:
-            ok = fin & (min_in[:, u] <= b)
-            return float(np.minimum(avail[ok], np.maximum(b - ld[ok], 0.0) / r[ok]).sum())
-
-        lo_b, hi_b = g, max(g, 1.0)
-        while cover(hi_b) < need - 1e-6:
-            hi_b *= 2
-            if hi_b > 1e12:
-                return math.inf
-        for _ in range(40):
-            mid = (lo_b + hi_b) / 2
-            if cover(mid) >= need - 1e-6:
-                hi_b = mid
-            else:
-                lo_b = mid
-        return max(g, lo_b)
+        ld, mi, rr, av = ld[use], mi[use], r[use], avail[use]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            sat = ld + av * rr  # B at which the device's free memory is used up
+            bs = np.unique(np.concatenate([[g], ld, sat, mi]))
+            bs = bs[np.isfinite(bs) & (bs >= g)]
+            span = np.maximum(bs[:, None] - ld[None, :], 0.0)
+            part = np.where(rr[None, :] > 0, span / rr[None, :], np.where(span > 0, np.inf, 0.0))
+            part = np.where(mi[None, :] <= bs[:, None], np.minimum(av[None, :], part), 0.0)
+        cov = part.sum(axis=1)
+        k = int(np.argmax(cov >= need - 1e-6))
+        if cov[k] < need - 1e-6:
+            return math.inf  # the rest of the model no longer fits anywhere
+        if k == 0:
+            return max(g, float(bs[0]))
+        b0 = bs[k - 1]
+        if ((rr == 0) & (mi <= b0) & (ld <= b0)).any():
+            return max(g, float(b0))  # a device with free units fills its memory just above b0
+        live = (mi <= b0) & (ld <= b0) & (sat > b0) & (rr > 0)
+        slope = float((1.0 / rr[live]).sum())
+        b = b0 + (need - 1e-6 - cov[k - 1]) / slope if slope > 0 else bs[k]
+        return max(g, min(float(b), float(bs[k])) * (1 - 1e-12))
 
     return bound

@@ -7,6 +7,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.numbers import human_size, plural
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.plan import Plan, figures
 from edgeshard_kit.planning.problem import Problem
@@ -178,14 +179,14 @@ def format_evaluation(ev: Evaluation) -> str:
     lines = [f"{ev.method} ({ev.objective}{', relay' if ev.relay else ''})"
              f"{'' if ev.feasible else '  OUT OF MEMORY: ' + ev.reason}"]
     for i, s in enumerate(ev.stages):
-        mem = ev.memory_bytes[s.device] / 1e9
+        mem = human_size(ev.memory_bytes[s.device])
         lines.append(f"  stage {i}: {s.device:<14} units [{s.start:>3}, {s.end:>3})  "
                      f"compute {ev.stage_compute_ms[i]:8.3f} ms  then transfer {ev.stage_transfer_ms[i]:8.3f} ms"
-                     f"  ({mem:.3f} GB on the device)")
+                     f"  ({mem} on the device)")
     lines.append(f"  per-token latency {ev.latency_ms:.3f} ms, bottleneck {ev.bottleneck_ms:.3f} ms, "
                  f"ideal throughput {ev.throughput_per_s:.2f} tokens/s")
     if ev.simulations:
-        lines.append(f"  {ev.micro_batches} micro-batches x {ev.tokens} tokens: "
+        lines.append(f"  {plural(ev.micro_batches, 'micro-batch')} x {plural(ev.tokens, 'token')}: "
                      f"bubbles {ev.simulations['bubbles'].throughput_per_s:.2f} tokens/s, "
                      f"no-bubbles {ev.simulations['no-bubbles'].throughput_per_s:.2f} tokens/s")
     return "\n".join(lines)

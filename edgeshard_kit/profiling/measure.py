@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 import platform
 import sys
 import time
@@ -14,8 +15,54 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import unit_name
 from edgeshard_kit.model.checkpoint import load_llama_config
 from edgeshard_kit.model.generate import sample_next
-from edgeshard_kit.model.stage import StageModel, synchronize
-from edgeshard_kit.profiling.profile import Profile, UnitProfile
+from edgeshard_kit.model.stage import StageModel, parse_dtype, synchronize
+from edgeshard_kit.profiling.analytic import model_spec, unit_params
+from edgeshard_kit.profiling.fit import SPREAD_LIMIT, fit_profile, spread_flags
+from edgeshard_kit.profiling.profile import Profile, UnitProfile, load_profile
+
+BANDWIDTH_BYTES = 256 * 2**20  # the copied tensor: well past any last-level cache
+
+
+def measure_bandwidth(device: str = "cpu", nbytes: int = BANDWIDTH_BYTES, repeats: int = 5) -> float:
+    """The device's memory bandwidth in GB/s: best of `repeats` copies of an `nbytes` float32 tensor, counting
+    the bytes read and written (2 x nbytes), with torch's current thread count. The decode limit of a stage is
+    its weight bytes / this (every weight is read once per token)."""
+    import torch
+
+    dev = torch.device(device)
+    a = torch.ones(max(1, int(nbytes) // 4), dtype=torch.float32, device=dev)
+    b = torch.empty_like(a)
+    b.copy_(a)  # touch the pages first
+    best = float("inf")
+    for _ in range(_positive_int("repeats", repeats)):
+        synchronize(dev)
+        t0 = time.perf_counter()
+        b.copy_(a)
+        synchronize(dev)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * a.numel() * 4 / best / 1e9
+
+
+def decode_read_bytes(checkpoint: str | Path, dtype: str = "float32") -> int:
+    """Weight bytes one decode step of the whole model reads: every unit once except the embedding (one row)."""
+    import torch
+
+    size = torch.finfo(parse_dtype(dtype)).bits // 8
+    return sum(unit_params(model_spec(checkpoint))[1:]) * size
+
+
+def matching_profiles(paths: list[str], compiled: bool) -> list[str]:
+    """Of profile files, those measured on the same decode path (`compiled` or eager); KitError naming the first
+    file when a device type has no profile of that path (measure one with `edgeshard profile [--compile]`)."""
+    profs = [(str(p), load_profile(p)) for p in paths]
+    keep = [path for path, prof in profs if prof.compiled == bool(compiled)]
+    covered = {prof.device_type for path, prof in profs if prof.compiled == bool(compiled)}
+    for path, prof in profs:
+        if prof.device_type not in covered:
+            want = "compiled (edgeshard profile --compile)" if compiled else "eager (edgeshard profile without --compile)"
+            raise KitError(f"profile {path}: field 'compiled' is {prof.compiled}, but the run is "
+                           f"{'compiled' if compiled else 'eager'}: give a {want} profile of {prof.device_type}")
+    return keep
 
 
 def median_min_max(samples: list[float]) -> tuple[float, float, float]:
@@ -142,8 +189,14 @@ def default_device_type(device: str) -> str:
 def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "float32", batch: int = 1,
                     prompt_len: int = 32, kv_lens: Iterable[int] = (32, 64, 128), repeats: int = 20,
                     warmup: int = 3, device_type: str | None = None, progress: bool = True,
-                    threads: int | None = None, stage=None) -> Profile:
-    """Measure every unit of `checkpoint` on `device`: prefill, decode at each KV length, bytes, peak memory."""
+                    threads: int | None = None, stage=None, compile: bool = False) -> Profile:
+    """Measure every unit of `checkpoint` on `device`: prefill, decode at each KV length, bytes, peak memory, and
+    the device's memory bandwidth (`measure_bandwidth`).
+
+    `compile`: the compiled decode step (model/compiled.py) is timed too at each KV length, and shared among
+    the units and the step overhead in the proportions of their eager times (a compiled step is one fused call:
+    it has no unit boundaries to time), so the profile predicts the compiled step. Prefill is eager on both paths.
+    """
     import torch
     from tqdm import tqdm
 
@@ -155,6 +208,9 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
     if stage is None:
         n = load_llama_config(checkpoint).num_hidden_layers
         stage = StageModel(checkpoint, 0, n + 2, dtype=dtype, device=device)
+    comp = stage.enable_compile() if compile else None
+    saved_path, stage.compiled = stage.compiled, None  # the unit timings run eager (hooks need module boundaries)
+    mem_bw = measure_bandwidth(str(stage.device))
     cfg, n, dev = stage.config, stage.config.num_hidden_layers, stage.device
     cuda = dev.type == "cuda"
     gen = torch.Generator().manual_seed(0)
@@ -210,6 +266,18 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
         peaks = dict(timer.peak)
         timer.remove()
         bar.close()
+    factor: dict[int, float] = {}  # compiled: the eager units scaled so that they sum to the compiled step
+    if comp is not None:
+        try:
+            compiled_ms = _compiled_steps(stage, comp, ids, kv_lens, repeats, warmup, progress)
+        finally:
+            stage.compiled = saved_path
+        eager_over = median_min_max([o for _, _, o in over["decode"]])[0]
+        for kv in kv_lens:
+            eager_ms = sum(median_min_max(units[u]["decode"][kv])[0] for u in units) + eager_over
+            factor[kv] = compiled_ms[kv] / eager_ms
+    else:
+        stage.compiled = saved_path
 
     s = torch.finfo(stage.dtype).bits // 8
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -219,7 +287,7 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
     out_units = []
     for u in range(n + 2):
         p_med, p_min, p_max = median_min_max(units[u]["prefill"])
-        dec = {k: median_min_max(v) for k, v in units[u]["decode"].items()}
+        dec = {k: tuple(x * factor.get(k, 1.0) for x in median_min_max(v)) for k, v in units[u]["decode"].items()}
         kv = kv_tok if 1 <= u <= n else 0
         out = batch * cfg.vocab_size * 4 if u == n + 1 else batch * cfg.hidden_size * s
         # Transient activations: measured on CUDA; on CPU estimated as the prefill's hidden + MLP tensors.
@@ -233,9 +301,13 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
             tied_bytes=tied if u == n + 1 else 0))
     # Per-step overhead = plain step - sum of units (mask, RoPE, sampling, Python glue), median of the pairs.
     step = {k: median_min_max([ms for kv, ms, _ in over["decode"] if kv == k])[0] for k in kv_lens}
-    overhead = {"decode_step_ms": median_min_max([o for _, _, o in over["decode"]])[0],
+    overhead = {"decode_step_ms": median_min_max([o for _, _, o in over["decode"]])[0] * factor.get(ref, 1.0),
                 "prefill_ms": median_min_max(over["prefill"])[0],
                 "decode_step_measured_ms": {str(k): v for k, v in step.items()}}
+    if comp is not None:
+        overhead.update(decode_step_eager_ms=overhead["decode_step_measured_ms"],
+                        decode_step_measured_ms={str(k): v for k, v in compiled_ms.items()},
+                        compile_s=comp.compile_s)
     meta = {**_host_meta(str(dev)), "source": f"measured by edgeshard profile on {str(dev)}",
             "checkpoint": str(checkpoint), "device": str(dev),
             "method": {"repeats": repeats, "warmup": warmup, "statistic": "median (min and max kept)",
@@ -244,9 +316,62 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
                        "decode": "each repeat at kv_len: an untimed prefill of kv_len random tokens into a fresh "
                                  "cache, then a pair of greedy decode steps (kv_len and kv_len + 1 cached tokens)",
                        "pairs": "each repeat = a hooked step and a plain step in alternating order",
-                       "overhead": "plain step minus the sum of units of its paired hooked step (median)"}}
+                       "overhead": "plain step minus the sum of units of its paired hooked step (median)",
+                       "mem_bw": f"best of 5 copies of a {BANDWIDTH_BYTES >> 20} MiB float32 tensor, "
+                                 f"(read + written bytes) / time, {torch.get_num_threads()} torch threads",
+                       **({"compiled": "the compiled decode step timed at each kv_len (median), shared among the "
+                                       "units and the step overhead in the proportions of their eager times; "
+                                       "prefill eager"} if comp is not None else {})},
+            "compile_s": comp.compile_s if comp is not None else None}
     config = {k: v for k, v in cfg.to_dict().items() if isinstance(v, (int, float, str, bool, type(None)))}
-    return Profile(model=Path(str(checkpoint)).name, n_layers=n, device_type=device_type or default_device_type(str(dev)),
+    samples = {"prefill": {str(u): units[u]["prefill"] for u in units},
+               # compiled: the eager samples scaled like the medians (factor), so that a fit keeps the compiled step
+               "decode": {str(kv): {str(u): [x * factor.get(kv, 1.0) for x in units[u]["decode"][kv]] for u in units}
+                          for kv in kv_lens},
+               "overhead": {"prefill": over["prefill"], "decode": [[kv, ms * factor.get(kv, 1.0), o * factor.get(kv, 1.0)]
+                                                                   for kv, ms, o in over["decode"]]}}
+    prof = Profile(model=Path(str(checkpoint)).name, n_layers=n, device_type=device_type or default_device_type(str(dev)),
                    dtype=str(stage.dtype).removeprefix("torch."), batch=batch, prompt_len=prompt_len,
-                   kv_lens=kv_lens, ref_kv_len=ref, units=tuple(out_units), config=config, overhead=overhead, meta=meta)
+                   kv_lens=kv_lens, ref_kv_len=ref, units=tuple(out_units), config=config, overhead=overhead, meta=meta,
+                   compiled=comp is not None, mem_bw_gbs=round(mem_bw, 2), samples=samples)
+    prof = fit_profile(prof)  # decode = fixed + per-KV-token cost, both >= 0; overheads >= 0 (raw kept)
+    flags = spread_flags(prof)
+    for line in flags[:5] if progress else []:
+        print(f"profile spread: {line}", file=sys.stderr)
+    return replace(prof, meta={**prof.meta, "spread_limit": SPREAD_LIMIT, "spread_flags": flags,
+                               "fit": "decode per unit: non-negative least squares of fixed + per-KV-token ms over "
+                                      "every raw sample (profiling.fit)"})
+
+
+def _compiled_steps(stage, comp, ids, kv_lens: tuple[int, ...], repeats: int, warmup: int,
+                    progress: bool) -> dict[int, float]:
+    """{kv_len: median ms of a compiled decode step (+ sampling)}: per repeat a fresh cache of kv_len random
+    tokens (eager prefill), an untimed decode step (the first one compiles and fills the static cache), then one
+    timed greedy step."""
+    from tqdm import tqdm
+
+    capacity = max(kv_lens) + 3  # one static shape for every kv_len: one compile
+    bar = tqdm(total=len(kv_lens) * (warmup + repeats), desc="profile compiled decode", unit="step",
+               file=sys.stderr, disable=not progress)
+    compiled_ms = {}
+    stage.compiled = comp
+    try:
+        for kv in kv_lens:
+            got = []
+            for i in range(warmup + repeats):
+                cache = stage.new_cache(max_len=capacity)
+                tok = sample_next(stage.forward(ids(kv), cache))
+                tok = sample_next(stage.forward(tok[:, None], cache))
+                synchronize(stage.device)
+                t0 = time.perf_counter()
+                sample_next(stage.forward(tok[:, None], cache))
+                synchronize(stage.device)
+                if i >= warmup:
+                    got.append((time.perf_counter() - t0) * 1e3)
+                bar.update()
+            compiled_ms[kv] = median_min_max(got)[0]
+    finally:
+        stage.compiled = None
+        bar.close()
+    return compiled_ms
 

@@ -9,6 +9,7 @@ from typing import Any, Iterable
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.io import read_json
+from edgeshard_kit.profiling.schema import check_profile
 
 FORMAT = "edgeshard-profile/1"
 
@@ -19,7 +20,7 @@ def _kv_dict(d: Any, what: str) -> dict[int, float]:
         raise KitError(f"{what} must be a mapping {{kv_len: ms}}, got {type(d).__name__}")
     try:
         return {int(k): float(v) for k, v in sorted(d.items(), key=lambda kv: int(kv[0]))}
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise KitError(f"{what} has a non-numeric kv_len or time: {d!r}") from None
 
 
@@ -73,10 +74,13 @@ class UnitProfile:
                     kw[k] = str(v)
                 else:
                     kw[k] = None if v is None else float(v)
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, OverflowError):
                 raise KitError(f"{where}.{k} is not a number: {v!r}") from None
-        if not 0 <= kw.get("tied_bytes", 0) <= kw.get("param_bytes", 0):
-            raise KitError(f"{where}.tied_bytes must be between 0 and param_bytes, got {kw.get('tied_bytes')}")
+        tied, params = kw.get("tied_bytes", 0), kw.get("param_bytes", 0)
+        if params < 0:
+            raise KitError(f"{where}.param_bytes: {params} is negative")
+        if not 0 <= tied <= params:
+            raise KitError(f"{where}.tied_bytes must be between 0 and param_bytes ({params}), got {tied}")
         return cls(**kw)
 
 
@@ -112,6 +116,19 @@ class Profile:
     # overhead between units, sampling); prefill_ms once per prompt. Included in predictions.
     overhead: dict = field(default_factory=dict)
     meta: dict = field(default_factory=dict)  # host, cpu/gpu, versions, date, method, source
+    compiled: bool = False  # decode measured on the compiled path (generate/deploy --compile); plan with a matching one
+    mem_bw_gbs: float | None = None  # the device's memory bandwidth (GB/s), measured by `edgeshard profile`
+    # Every raw timing (ms): {"prefill": {unit: [...]}, "decode": {kv_len: {unit: [...]}}, "overhead": {...}};
+    # the medians above are fitted from them (fit_profile) and checked for spread (spread_flags).
+    samples: dict = field(default_factory=dict)
+
+    def bandwidth_limit_ms(self, start: int = 0, end: int | None = None) -> float | None:
+        """The least ms per decoded token of units [start, end): the weights a step reads at `mem_bw_gbs` (None
+        when not measured). Every unit's weights are read once, except the embedding's (one row per token)."""
+        if not self.mem_bw_gbs:
+            return None
+        end = self.n_units if end is None else end
+        return sum(self.param_bytes()[max(start, 1):end]) / (self.mem_bw_gbs * 1e9) * 1e3
 
     # ---- accessors the planner uses -------------------------------------------------------
     @property
@@ -201,7 +218,8 @@ class Profile:
             prompt_len = int(d.get("prompt_len", 0))
             kv_lens = tuple(int(k) for k in d.get("kv_lens", []))
             ref_kv_len = int(d.get("ref_kv_len", kv_lens[0] if kv_lens else 0))
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, OverflowError) as e:
+            check_profile(d, where)  # names the one field that is wrong
             raise KitError(f"{where}: n_layers/batch/prompt_len/kv_lens/ref_kv_len must be integers ({e})") from None
         for i, u in enumerate(units):
             if u.unit != i:
@@ -216,10 +234,17 @@ class Profile:
         for key in ("config", "overhead", "meta"):
             if not isinstance(d.get(key, {}), dict):
                 raise KitError(f"{where}: field {key!r} must be a JSON object")
+        check_profile(d, where)  # every field's type and range (negative bytes, batch 0, NaN times)
+        bw = d.get("mem_bw_gbs")
+        if bw is not None and (isinstance(bw, bool) or not isinstance(bw, (int, float)) or not 0 < bw < float("inf")):
+            raise KitError(f"{where}: field 'mem_bw_gbs' must be a positive number of GB/s, got {bw!r}")
         return cls(model=str(d["model"]), n_layers=n_layers, device_type=str(d["device_type"]),
                    dtype=str(d["dtype"]), batch=batch, prompt_len=prompt_len, kv_lens=kv_lens,
                    ref_kv_len=ref_kv_len, units=units, config=dict(d.get("config", {})),
-                   overhead=dict(d.get("overhead", {})), meta=dict(d.get("meta", {})))
+                   overhead=dict(d.get("overhead", {})), meta=dict(d.get("meta", {})),
+                   compiled=d.get("compiled") is True,
+                   mem_bw_gbs=None if d.get("mem_bw_gbs") is None else float(d["mem_bw_gbs"]),
+                   samples=dict(d.get("samples") or {}) if isinstance(d.get("samples"), dict) else {})
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -248,8 +273,12 @@ class Profile:
 
     def summary(self) -> str:
         """One line for humans."""
-        return (f"{self.model} on {self.device_type} ({self.dtype}, batch {self.batch}): {self.n_units} units, "
-                f"decode {self.predict_decode_ms():.2f} ms/token at kv {self.ref_kv_len}, "
+        limit = self.bandwidth_limit_ms()
+        ratio = (f" = {self.predict_decode_ms() / limit:.2f}x the memory-bandwidth limit {limit:.2f} ms "
+                 f"({self.mem_bw_gbs:.1f} GB/s)") if limit else ""
+        return (f"{self.model} on {self.device_type} ({self.dtype}, batch {self.batch}"
+                f"{', compiled' if self.compiled else ''}): {self.n_units} units, "
+                f"decode {self.predict_decode_ms():.2f} ms/token at kv {self.ref_kv_len}{ratio}, "
                 f"prefill {self.predict_prefill_ms():.1f} ms for {self.prompt_len} tokens, "
                 f"{self.model_param_bytes() / 2**20:.1f} MiB of parameters"
                 f"{' (tied embeddings)' if self.tied_bytes else ''}")
@@ -344,4 +373,5 @@ def scale_times(profile: Profile, factor: float, device_type: str | None = None)
                 for k, v in profile.overhead.items()}
     meta = {**profile.meta, "scaled_by": factor, "scaled_from": profile.device_type}
     return replace(profile, units=units, overhead=overhead, meta=meta, device_type=device_type or profile.device_type)
+
 

@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, format_stages
-from edgeshard_kit.planning.build import Workload, build_problem
+from edgeshard_kit.planning.build import LinkModel, Workload, build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
 from edgeshard_kit.profiling.profile import Profile
 from edgeshard_kit.runtime.deployment import deploy
@@ -37,6 +37,8 @@ from edgeshard_kit.runtime.launch import LaunchOptions
 from edgeshard_kit.testbed.inventory import Testbed
 
 CALIBRATION_PROMPT = "The edge devices share the model"
+OUTLIER_FACTOR = 3.0    # a device type's per-stage cost this many times its peers' median (or a third of it) ...
+OUTLIER_FLOOR_MS = 1.0  # ... and this many ms away from it is measured again
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,14 @@ class RuntimeCosts:
     raw_step_ms: float = 0.0
     records: list[dict] = field(default_factory=list)  # one per calibration deployment: predicted vs measured ms
     method: str = ""
+    spread: dict[str, list[float]] = field(default_factory=dict)  # device type -> [min, max] over the windows
+    remeasured: dict[str, dict] = field(default_factory=dict)  # device type -> {first_ms, again_ms}
 
     def to_dict(self, records: bool = False) -> dict:
         """{stage_ms, step_ms, raw: {stage_ms, step_ms}, method} (+ records): the manifest's runtime_overheads."""
         out = {"stage_ms": dict(self.stage_ms), "step_ms": self.step_ms,
-               "raw": {"stage_ms": dict(self.raw_stage_ms), "step_ms": self.raw_step_ms}, "method": self.method}
+               "raw": {"stage_ms": dict(self.raw_stage_ms), "step_ms": self.raw_step_ms}, "method": self.method,
+               "spread": dict(self.spread), "remeasured": dict(self.remeasured)}
         return {**out, "records": list(self.records)} if records else out
 
     @classmethod
@@ -73,10 +78,10 @@ class RuntimeCosts:
 
 
 def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Plan], tokens: int,
-                   repeats: int, launch_opts: LaunchOptions | dict | None) -> dict[str, list[float]]:
-    """Per label: every repeat's per-token latency (ms). All plans are deployed at once and measured in turn,
-    alternating the order, so that a slow spell of the host falls on every plan alike (idle workers block on
-    their sockets and cost nothing)."""
+                   windows: int, launch_opts: LaunchOptions | dict | None) -> dict[str, list[float]]:
+    """Per label: the per-token latency (ms) of each window. All plans are deployed at once; a window measures each
+    in turn, the order rotating from one window to the next, so that a slow spell of the host falls on every plan
+    alike (idle workers block on their sockets and cost nothing)."""
     runs: dict[str, list[float]] = {label: [] for label in plans}
     with ExitStack() as stack:
         # No problem passed: calibration layouts (the whole model on the source, say) ignore the memory budgets
@@ -86,24 +91,53 @@ def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Pl
         for dep in deps.values():
             dep.generate([CALIBRATION_PROMPT], 2)  # warm-up: first-call allocations, page faults
         order = list(deps)
-        for r in range(repeats):
-            for label in (order if r % 2 == 0 else order[::-1]):
+        for w in range(windows):
+            shift = w % len(order)
+            for label in order[shift:] + order[:shift]:
                 runs[label].append(deps[label].generate([CALIBRATION_PROMPT], tokens).summary["per_token_ms"])
     return runs
 
 
+def _estimates(excess: dict[str, float], others: dict[str, str], src_type: str) -> tuple[dict[str, float], float]:
+    """(stage_ms by device type, step_ms) of one window's excess ms per deployment (see the module's equations)."""
+    one, two = excess["one stage on the source"], excess["two stages on the source"]
+    s_src = two - one
+    step = one - s_src
+    out = {src_type: s_src}
+    for label, dtype in others.items():
+        out[dtype] = excess[label] - 2 * s_src - step
+    return out, step
+
+
+def outliers(stage_ms: dict[str, float], factor: float = OUTLIER_FACTOR, floor_ms: float = OUTLIER_FLOOR_MS) -> list[str]:
+    """Device types whose per-stage cost is far from its peers': more than `factor` x, and `floor_ms` ms, away from
+    the median of all types (noise on a shared host, a slow spell during that type's window)."""
+    if len(stage_ms) < 2:
+        return []
+    ref = statistics.median(stage_ms.values())  # all types: one far value moves the median of three least
+    out = []
+    for t, v in stage_ms.items():
+        if abs(v - ref) > floor_ms and (v > factor * max(ref, 0.0) or v < max(ref, 0.0) / factor):
+            out.append(t)
+    return out
+
+
 def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[str, Profile], prompt_len: int = 8,
-                      tokens: int = 16, repeats: int = 5, launch_opts: LaunchOptions | dict | None = None,
-                      log: Callable[[str], Any] | None = None) -> RuntimeCosts:
+                      tokens: int = 16, repeats: int = 6, launch_opts: LaunchOptions | dict | None = None,
+                      log: Callable[[str], Any] | None = None, links: LinkModel | None = None) -> RuntimeCosts:
     """The runtime's fixed costs per stage (by device type) and per token, measured on `testbed`.
 
-    Every deployment has at most three stages and ignores memory budgets (it is a measurement, not a
-    plan to keep). Negative estimates (noise on a fast machine) are clamped to 0; the raw values stay
-    in the records.
+    `repeats` interleaved windows (each: every calibration deployment once, `tokens` tokens); every window gives an
+    estimate, the median is kept and the spread (min, max over windows) is reported. A device type whose estimate
+    is far from its peers' (`outliers`) is measured again in as many windows, and its record says so. Every
+    deployment has at most three stages and ignores memory budgets (it is a measurement, not a plan to keep).
+    Negative estimates (noise on a fast machine) are clamped to 0; the raw values stay in the records. `links`:
+    the link model the planner will use (planning.build.LinkModel), so that link time is not taken for fixed cost.
     """
     if tokens < 4 or repeats < 1:
         raise KitError(f"calibrate_runtime: tokens must be >= 4 and repeats >= 1 (got {tokens}, {repeats})")
-    problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=tokens), returns="tokens")
+    problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=tokens), returns="tokens",
+                            links=links)
     n = problem.n_units
     src = testbed.source
     layouts = {"one stage on the source": [Stage(src.name, 0, n)],
@@ -117,25 +151,52 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
             others[label] = dev.type
     plans = {k: make_plan(problem, st, "latency", relay=True, method="calibration") for k, st in layouts.items()}
     runs = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts)
-    records, excess = [], {}
+    windows = [_estimates({k: runs[k][w] - plans[k].latency_ms for k in plans}, others, src.type)
+               for w in range(repeats)]
+    stage_ms = {t: statistics.median(w[0][t] for w in windows) for t in windows[0][0]}
+    step = statistics.median(w[1] for w in windows)
+    spread = {t: (min(w[0][t] for w in windows), max(w[0][t] for w in windows)) for t in stage_ms}
+    remeasured = {}
+    for dtype in outliers(stage_ms):
+        label = next((k for k, t in others.items() if t == dtype), None)
+        if label is None:  # the source type: it enters every equation, re-measuring it is re-running everything
+            continue
+        again = _measure_plans(checkpoint, testbed, {k: plans[k] for k in (*list(plans)[:2], label)}, tokens,
+                               repeats, launch_opts)
+        est = [_estimates({k: again[k][w] - plans[k].latency_ms for k in again}, {label: dtype}, src.type)[0][dtype]
+               for w in range(repeats)]
+        remeasured[dtype] = {"first_ms": stage_ms[dtype], "again_ms": statistics.median(est)}
+        if log:
+            log(f"  calibration: {dtype} {stage_ms[dtype]:.3f} ms per stage is far from its peers' "
+                f"({', '.join(f'{t} {v:.3f}' for t, v in stage_ms.items() if t != dtype)}): re-measured "
+                f"{statistics.median(est):.3f} ms [{min(est):.3f}..{max(est):.3f}]")
+        stage_ms[dtype], spread[dtype] = statistics.median(est), (min(est), max(est))
+        runs[label] = runs[label] + again[label]
+    records = []
     for label, plan in plans.items():
         pred, meas = plan.latency_ms, statistics.median(runs[label])
-        excess[label] = meas - pred
+        dtype = others.get(label, src.type)
         records.append({"deployment": label, "stages": format_stages(plan.stages),
                         "predicted_without_overheads_ms": pred, "measured_ms": meas,
                         "measured_min_ms": min(runs[label]), "measured_max_ms": max(runs[label]),
-                        "excess_ms": meas - pred})
+                        "excess_ms": meas - pred, "windows": repeats, "device_type": dtype,
+                        "stage_ms": stage_ms[dtype], "stage_ms_min": spread[dtype][0], "stage_ms_max": spread[dtype][1],
+                        "remeasured": dtype in remeasured and label in others,
+                        "first_stage_ms": remeasured.get(dtype, {}).get("first_ms")})
         if log:
-            log(f"  calibration {label:<44} predicted {pred:7.3f} ms/token without fixed costs, measured {meas:7.3f}")
-    one, two = excess["one stage on the source"], excess["two stages on the source"]
-    s_src = two - one
-    step = one - s_src
-    stage_ms = {src.type: s_src}
-    for label, dtype in others.items():
-        stage_ms[dtype] = excess[label] - 2 * s_src - step
+            log(f"  calibration {label:<44} predicted {pred:7.3f} ms/token without fixed costs, measured {meas:7.3f} "
+                f"[{min(runs[label]):.3f}..{max(runs[label]):.3f}]")
     for r in records:
-        r.update(stage_ms_source=s_src, step_ms=step)
+        r.update(stage_ms_source=stage_ms[src.type], step_ms=step,
+                 step_ms_min=min(w[1] for w in windows), step_ms_max=max(w[1] for w in windows))
+    if log:
+        log("  fixed costs per stage (median [min..max] over windows): " + ", ".join(
+            f"{t} {v:.3f} [{spread[t][0]:.3f}..{spread[t][1]:.3f}]{' re-measured' if t in remeasured else ''}"
+            for t, v in stage_ms.items()) + f"; per token {step:.3f} ms")
     return RuntimeCosts(stage_ms={t: max(0.0, v) for t, v in stage_ms.items()}, step_ms=max(0.0, step),
                         raw_stage_ms=stage_ms, raw_step_ms=step, records=records,
-                        method=f"every deployment up at once, measured in turn: median per-token latency of {repeats} "
-                               f"runs x {tokens} tokens, minus the paper's model of the same plan")
+                        method=f"every deployment up at once, {repeats} interleaved windows of {tokens} tokens each; "
+                               f"per window the per-token latency minus the model of the same plan without fixed "
+                               f"costs; median over windows (min and max in the records); outlier device types "
+                               f"re-measured: {sorted(remeasured) or 'none'}",
+                        spread={t: list(v) for t, v in spread.items()}, remeasured=remeasured)

@@ -1,31 +1,39 @@
 """The coordinator's side of the wire: a chain of connected stage workers, configs pushed, token schedules run, faults named.
 
 A `Chain` owns the control connections to one plan's workers (stage order) and the queue their frames
-arrive on; it knows nothing of testbeds or plans: the deployment gives it the stages, the worker
-handles and each stage's `StageConfig`.
+arrive on; it knows nothing of testbeds or plans: the deployment gives it the stages, and each worker's
+handle as soon as that worker listens (`attach`), then each stage's `StageConfig` (`load`).
+
+Liveness, in every phase: a reader thread per control connection stamps the time of every frame; while
+the coordinator waits (workers starting, stages loading, tokens coming back) it pings every connected
+worker every HEARTBEAT_S, and a worker that sends nothing at all (no PONG, no PROGRESS, no other frame)
+for `silence_s` is reported, naming its stage, host and what it was doing. A stage busy loading sends
+PROGRESS frames, so a long load is not silence.
 """
 
 from __future__ import annotations
 
 import itertools
 import queue
+import sys
 import threading
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.model.generate import finish_step
 from edgeshard_kit.planning.schedule import release
 from edgeshard_kit.runtime import wire
-from edgeshard_kit.runtime.launchers import WorkerHandle
-from edgeshard_kit.runtime.protocol import Kind, ProtocolError, Role, StageConfig
+from edgeshard_kit.runtime.launchers import STOPPED, WorkerHandle
+from edgeshard_kit.runtime.liveness import HEARTBEAT_S, Clocks, Waiter
+from edgeshard_kit.runtime.protocol import PROGRESS_S, SILENCE_S, Kind, ProtocolError, Role, StageConfig
 
-HEARTBEAT_S = 0.5  # how often the coordinator pings every worker while it waits for tokens
-FAULT_TIMEOUT_S = 5.0  # a worker silent this long (no pong, no frame) is declared stopped
+FAULT_TIMEOUT_S = SILENCE_S  # a worker silent this long (no pong, no frame) is declared stopped
 
 
 class PipelineError(KitError):
@@ -52,23 +60,35 @@ class StageInfo:
         return f"stage {self.index} (units {self.start}:{self.end}) on device {self.device}, host {self.host}:{self.port}"
 
 
-def _exited(h: WorkerHandle) -> bool:
+def _exited(h: WorkerHandle | None) -> bool:
     """True if a local worker process has exited (remote handles are judged by their connection instead)."""
     return getattr(h, "proc", None) is not None and not h.alive()
 
 
 class Chain:
-    """Control connections to the workers of one plan's stages; every frame they send lands on `events`."""
+    """Control connections to the workers of one plan's stages; every frame they send lands on `events`.
 
-    def __init__(self, stages: list[Stage], handles: list[WorkerHandle], token: bytes,
-                 fault_timeout: float = FAULT_TIMEOUT_S):
-        self.stages, self.handles = list(stages), list(handles)
-        self.fault_timeout = fault_timeout
+    `silence_s`: the bound on a worker's silence, in seconds (see the module's docstring); `first_shaper`
+    shapes the coordinator -> stage 0 link.
+    """
+
+    def __init__(self, stages: list[Stage], token: bytes, silence_s: float = SILENCE_S,
+                 first_shaper: wire.LinkShaper | None = None):
+        n = len(stages)
+        self.stages = list(stages)
+        self.handles: list[WorkerHandle | None] = [None] * n  # filled by attach, as the workers come up
+        self.conns: list[wire.Connection | None] = [None] * n
+        self.silence_s, self.first_shaper = silence_s, first_shaper
         self._token = token
-        self.conns: list[wire.Connection] = []
         self.info: list[StageInfo] = []
         self.events: queue.Queue = queue.Queue()  # ("frame", i, Frame, t) or ("closed", i, why, t)
+        self.clocks = Clocks(n)  # when each worker was last heard from (or attached)
+        self.doing = ["starting"] * n  # what each stage is doing, for fault messages
+        self.loaded: dict[int, dict] = {}  # stage -> its LOADED frame's fields
+        self.progress: dict[int, dict] = {}  # stage -> its latest PROGRESS frame's fields (phase, elapsed_s, rss_bytes)
+        self._last_ping = 0.0
         self._req = itertools.count()
+        self._lock = threading.Lock()
         self.closed = False
 
     # ---- faults ---------------------------------------------------------------------------------------------
@@ -76,7 +96,8 @@ class Chain:
         if i < len(self.info):
             return self.info[i].where()
         s, h = self.stages[i], self.handles[i]
-        return f"stage {i} (units {s.start}:{s.end}) on device {s.device}, host {h.host}:{h.port}"
+        at = f", host {h.host}:{h.port}" if h is not None else ""
+        return f"stage {i} (units {s.start}:{s.end}) on device {s.device}{at}"
 
     def fault(self, i: int, what: str) -> PipelineError:
         """A PipelineError naming stage i, with its exit code and last log line when known."""
@@ -92,6 +113,19 @@ class Chain:
         except Exception:  # the log is a courtesy: the fault is reported without it
             pass
         return PipelineError(f"{self.where(i)} {what}{extra}{tail}")
+
+    def _stopped_note(self, i: int) -> str:
+        """"; its process is stopped" when stage i's process is stopped (SIGSTOP), else ""."""
+        try:
+            st = self.handles[i].state()
+            return f"; its process is {st}" if st in STOPPED else ""
+        except Exception:  # the state is a courtesy (an SSH host may not answer either)
+            return ""
+
+    def silent_fault(self, i: int, silent_s: float) -> PipelineError:
+        """Stage i sent nothing for `silent_s`: the fault, with its process state when it is stopped."""
+        return self.fault(i, f"stopped answering {self.doing[i]}: nothing from it for {silent_s:.1f} s "
+                             f"(bound {self.silence_s:g} s){self._stopped_note(i)}")
 
     def dead_stage(self, grace_s: float = 0.3) -> int | None:
         """A stage whose process exited or whose connection closed (waits `grace_s` for the news to arrive)."""
@@ -119,61 +153,124 @@ class Chain:
     def _reader(self, i: int, conn: wire.Connection) -> None:
         try:
             while True:
-                self.events.put(("frame", i, conn.recv(), time.perf_counter()))
+                f = conn.recv()
+                self.events.put(("frame", i, f, self.clocks.heard(i)))
         except (ProtocolError, OSError) as e:
             self.events.put(("closed", i, str(e), time.perf_counter()))
 
+    # ---- liveness -------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        """Ping every connected worker when due; PipelineError for one that exited or is silent over the bound."""
+        now = self.clocks.advance()
+        if now - self._last_ping >= HEARTBEAT_S:
+            self._last_ping = now
+            for i, c in enumerate(self.conns):
+                if c is None:
+                    continue
+                if _exited(self.handles[i]):
+                    raise self.fault(i, f"died {self.doing[i]}")
+                self.send_to(i, Kind.PING, t=now)
+        attached = [(self.clocks.silent(i), i) for i, c in enumerate(self.conns) if c is not None]
+        silent_s, i = max(attached, default=(0.0, -1))
+        if silent_s > self.silence_s:
+            raise self.silent_fault(i, silent_s)
+
+    def _setup_event(self, kind: str, i: int, f: Any) -> None:
+        """One event while workers start or load: PROGRESS and LOADED noted, a closed connection or ERROR raised."""
+        if kind == "closed":
+            raise self.fault(i, f"died {self.doing[i]} (connection closed: {f})")
+        if f.kind == Kind.PROGRESS:
+            self.doing[i] = f"while {f.get('phase', 'loading')}"
+            self.progress[i] = f.meta
+        elif f.kind == Kind.LOADED:
+            self.loaded[i] = f.meta
+            self.doing[i] = "after loading"
+        elif f.kind == Kind.ERROR:
+            peer = f.get("peer")
+            if isinstance(peer, int) and 0 <= peer < len(self.stages) and self.conns[peer] is not None:
+                quiet = self.clocks.silent(peer)
+                if quiet > 2 * PROGRESS_S or _exited(self.handles[peer]):  # stage i could not reach a silent peer
+                    raise self.silent_fault(peer, quiet)
+            raise PipelineError(f"{self.where(i)}: {f.get('message')}")
+
+    def watch(self, timeout: float = 0.0) -> None:
+        """Handle the events that arrive within `timeout` s (all that are queued), then `check`."""
+        try:
+            ev = self.events.get(timeout=timeout) if timeout > 0 else self.events.get_nowait()
+            while True:
+                self._setup_event(ev[0], ev[1], ev[2])
+                ev = self.events.get_nowait()
+        except queue.Empty:
+            pass
+        self.check()
+
     # ---- setup and teardown ---------------------------------------------------------------------------------
-    def connect(self, configs: list[StageConfig], first_shaper: wire.LinkShaper | None, load_timeout: float) -> None:
-        """Open the control connections, push each stage's config, wait until every stage has loaded."""
-        for i, h in enumerate(self.handles):
-            try:
-                conn = wire.connect(h.host, h.port, self._token, timeout=30.0, shaper=first_shaper if i == 0 else None)
-            except (OSError, ProtocolError) as e:
-                raise PipelineError(f"{self.where(i)}: cannot connect: {e}") from None
+    def attach(self, i: int, handle: WorkerHandle) -> None:
+        """Stage i's worker listens: open its control connection (handshake within `silence_s`), start its reader."""
+        self.handles[i] = handle
+        self.doing[i] = "in the handshake"
+        try:
+            conn = wire.connect(handle.host, handle.port, self._token, timeout=self.silence_s,
+                                shaper=self.first_shaper if i == 0 else None)
             conn.send(Kind.ROLE, role=Role.CONTROL)
-            self.conns.append(conn)
-            threading.Thread(target=self._reader, args=(i, conn), daemon=True).start()
-        for conn, cfg in zip(self.conns, configs):
-            conn.send(Kind.CONFIG, **cfg.to_dict())
-        loaded: dict[int, dict] = {}
+        except (OSError, ProtocolError) as e:
+            raise self.fault(i, f"did not complete the handshake within {self.silence_s:g} s: {e}"
+                                f"{self._stopped_note(i)}") from None
+        with self._lock:
+            if self.closed:  # the deployment was given up meanwhile
+                conn.close()
+                return
+            self.clocks.heard(i)
+            self.doing[i] = "while waiting for its configuration"
+            self.conns[i] = conn
+        threading.Thread(target=self._reader, args=(i, conn), daemon=True).start()
+
+    def load(self, configs: list[StageConfig], load_timeout: float) -> None:
+        """Push each stage's config, wait until every stage has loaded (PROGRESS frames keep a slow load alive)."""
+        self.clocks.restart()
+        for i, cfg in enumerate(configs):
+            self.doing[i] = f"while loading units {cfg.start}:{cfg.end}"
+            self.send_to(i, Kind.CONFIG, **cfg.to_dict())
         deadline = time.perf_counter() + load_timeout
-        while len(loaded) < len(self.stages):
-            if time.perf_counter() > deadline:
-                i = min(set(range(len(self.stages))) - set(loaded))
-                raise self.fault(i, f"did not load its units within {load_timeout:.0f} s")
-            try:
-                kind, i, f, _ = self.events.get(timeout=0.5)
-            except queue.Empty:
-                for i, h in enumerate(self.handles):
-                    if _exited(h):
-                        raise self.fault(i, "died while loading")
-                continue
-            if kind == "closed":
-                raise self.fault(i, f"died while loading (connection closed: {f})")
-            if f.kind == Kind.ERROR:
-                raise PipelineError(f"{self.where(i)}: {f.get('message')}")
-            if f.kind == Kind.LOADED:
-                loaded[i] = f.meta
+        n = len(self.stages)
+        with tqdm(total=n, desc="load stages", unit="stage", file=sys.stderr, delay=2.0, mininterval=1.0,
+                  leave=False) as bar:  # shown only when loading takes more than 2 s
+            while len(self.loaded) < n:
+                if time.perf_counter() > deadline:
+                    i = min(set(range(n)) - set(self.loaded))
+                    raise self.fault(i, f"did not load its units within {load_timeout:.0f} s")
+                self.watch(0.1)
+                busy = [i for i in range(n) if i not in self.loaded and i in self.progress]
+                if busy:
+                    p = self.progress[busy[-1]]
+                    bar.set_postfix_str(f"stage {busy[-1]} {p.get('phase')}: {p.get('elapsed_s', 0):.0f} s, "
+                                        f"{p.get('rss_bytes', 0) / 1e6:.0f} MB", refresh=False)
+                bar.update(len(self.loaded) - bar.n)
         for i, (s, h) in enumerate(zip(self.stages, self.handles)):
-            m = loaded[i]
+            m = self.loaded[i]
             self.info.append(StageInfo(index=i, device=s.device, start=s.start, end=s.end, host=h.host, port=h.port,
                                        load_s=float(m.get("load_s", 0.0)), rss_bytes=int(m.get("rss_bytes", 0)),
                                        param_bytes=int(m.get("param_bytes", 0)), pid=int(m.get("pid", 0)),
                                        hostname=str(m.get("hostname", ""))))
+            self.doing[i] = "during generation"
 
     def close(self) -> None:
         """Ask every worker to shut down, close the connections, stop the processes; idempotent."""
-        if self.closed:
-            return
-        self.closed = True
+        with self._lock:
+            if self.closed:
+                return
+            self.closed = True
         for c in self.conns:
+            if c is None:
+                continue
             try:
                 c.send(Kind.SHUTDOWN)
             except OSError:
                 pass
             c.close()
         for h in self.handles:
+            if h is None:
+                continue
             try:
                 h.stop(3.0)
             except Exception:  # stopping the others matters more than one failure here
@@ -197,8 +294,13 @@ class Chain:
         return self.request_all(Kind.STATS, Kind.STATS, clear=clear)
 
     def run_schedule(self, ids: torch.Tensor, mask: torch.Tensor, steps: int, k: int, schedule: str,
-                     sample: dict, eos_ids: tuple[int, ...] = (), pad_id: int | None = None) -> dict:
+                     sample: dict, eos_ids: tuple[int, ...] = (), pad_id: int | None = None,
+                     on_token: Any = None) -> dict:
         """Drive `k` micro-batches for up to `steps` tokens each, released by planning.schedule.release.
+
+        `on_token(record, token_ids) -> bool` (runtime.adaptive's hook) sees every token as it arrives (its
+        per_token record and the micro-batch's ids, EOS rule applied); True stops the run at this token
+        boundary: no further step is sent, the ones in flight are drained, rows are left as generated.
 
         With `eos_ids`, every token back goes through model.generate.finish_step (a finished row gets
         `pad_id`, as transformers does); a micro-batch whose rows have all finished starts no further token,
@@ -244,6 +346,8 @@ class Chain:
                               "latency_ms": (t - sent_at[(mb, step)]) * 1e3})
             last_tok[mb] = tok[:, None]
             back[step] = back.get(step, 0) + 1
+            if on_token is not None and on_token(per_token[-1], tok.tolist()):
+                steps = min(steps, step + 1)  # adaptive switch-over: release nothing after this boundary
             if step + 1 < steps:
                 # a micro-batch that stopped at an earlier step is through this one too (bubbles do not wait for it)
                 through = back[step] + sum(1 for s in stopped.values() if s < step)
@@ -261,43 +365,3 @@ class Chain:
         per_stage.sort(key=lambda r: (r["stage"], r["mb"], r["step"]))
         return {"tokens": tokens, "per_token": per_token, "per_stage": per_stage, "wall_s": wall_s,
                 "counters": [s["counters"] for s in stats], "stopped": dict(stopped)}
-
-
-class Waiter:
-    """Waits for worker frames while pinging every worker; raises PipelineError naming a dead or silent stage."""
-
-    def __init__(self, chain: Chain, heartbeat_s: float = HEARTBEAT_S):
-        self.chain = chain
-        self.heartbeat = heartbeat_s
-        self.last_seen = [time.perf_counter()] * len(chain.conns)
-        self.last_ping = 0.0
-
-    def next(self) -> tuple[int, wire.Frame, float]:
-        """The next frame (not a pong) from any worker: (stage index, frame, arrival perf_counter)."""
-        ch = self.chain
-        while True:
-            now = time.perf_counter()
-            if now - self.last_ping >= self.heartbeat:
-                self.last_ping = now
-                for i in range(len(ch.conns)):
-                    if _exited(ch.handles[i]):
-                        raise ch.fault(i, "died")
-                    ch.send_to(i, Kind.PING, t=now)
-                for i, seen in enumerate(self.last_seen):
-                    if now - seen > ch.fault_timeout:
-                        raise ch.fault(i, f"stopped answering for {now - seen:.1f} s")
-            try:
-                kind, i, f, t = ch.events.get(timeout=max(0.01, self.last_ping + self.heartbeat - now))
-            except queue.Empty:
-                continue
-            self.last_seen[i] = t
-            if kind == "closed":
-                raise ch.fault(i, f"died (connection closed: {f})")
-            if f.kind == Kind.PONG:
-                continue
-            if f.kind == Kind.ERROR:
-                dead = ch.dead_stage()
-                if dead is not None and dead != i:
-                    raise ch.fault(dead, "died")
-                raise ch.fault(i, f"failed: {f.get('message')}")
-            return i, f, t

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import signal
 import statistics
 import threading
@@ -22,7 +23,7 @@ from edgeshard_kit.planning.problem import Problem
 from edgeshard_kit.planning.schedule import SCHEDULES, evaluate
 from edgeshard_kit.runtime import wire
 from edgeshard_kit.runtime.chain import FAULT_TIMEOUT_S, Chain, PipelineError, StageInfo
-from edgeshard_kit.runtime.launch import LaunchOptions, default_launch_options, link_shape, start_workers
+from edgeshard_kit.runtime.launch import LaunchOptions, StartError, default_launch_options, link_shape, start_workers
 from edgeshard_kit.runtime.launchers import WorkerHandle
 from edgeshard_kit.runtime.protocol import PeerAddress, StageConfig, new_token
 from edgeshard_kit.testbed.inventory import Testbed
@@ -47,6 +48,7 @@ class RunResult:
     summary: dict
     prediction: dict = field(default_factory=dict)
     stages: list[dict] = field(default_factory=list)
+    events: list[dict] = field(default_factory=list)  # adaptive runs: one record per re-plan event (runtime.adaptive)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -88,6 +90,8 @@ class Deployment:
         self.problem = problem
         self._tokenizer = None
         self._generation: GenerationSettings | None = None
+        self.adaptive: Any = None  # runtime.adaptive.AdaptivePolicy: generate re-plans and switches while serving
+        self.deploy_args: dict = {"dtype": dtype}  # what `deploy` was given, for the adaptive re-deploys
 
     @property
     def handles(self) -> list[WorkerHandle]:
@@ -136,6 +140,9 @@ class Deployment:
         an EOS id gets the pad id afterwards and a micro-batch whose rows all finished stops, as in
         transformers' generate. Bad arguments raise KitError before anything is sent: the deployment stays usable.
         """
+        if self.adaptive is not None:  # deployed with adaptive=AdaptivePolicy(...): runtime.adaptive drives the run
+            return self.adaptive.generate(self, prompts, max_new_tokens, mode, micro_batches, schedule, temperature,
+                                          top_p, seed, attention_mask, chat, stop_at_eos)
         if self.closed:
             raise KitError("this deployment is closed (deploy again)")
         if mode not in MODES:
@@ -230,8 +237,9 @@ def _summarise(per_token: list[dict], rows: int, wall_s: float, mode: str, k: in
 
 def stage_configs(stages: list[Stage], testbed: Testbed, handles: list[WorkerHandle], checkpoint: str | Path,
                   dtype: str = "float32", device_map: dict[str, str] | None = None,
-                  threads: dict[str, int] | int | None = None) -> list[StageConfig]:
-    """What each stage's worker is told: its units, checkpoint path on its host, torch device and threads, next hop."""
+                  threads: dict[str, int] | int | None = None, compile: bool = False) -> list[StageConfig]:
+    """What each stage's worker is told: its units, checkpoint path on its host, torch device and threads, next hop,
+    and whether to build the compiled decode path (`compile`)."""
     src = testbed.source.name
     out = []
     for i, (s, h) in enumerate(zip(stages, handles)):
@@ -247,7 +255,7 @@ def stage_configs(stages: list[Stage], testbed: Testbed, handles: list[WorkerHan
             device_name=s.device, dtype=dtype, device=(device_map or {}).get(s.device, "cpu"), threads=n_threads,
             next=None if last else PeerAddress(handles[i + 1].host, handles[i + 1].port),
             shape_next=None if last else link_shape(testbed, s.device, stages[i + 1].device),
-            shape_return=link_shape(testbed, s.device, src) if last else None))
+            shape_return=link_shape(testbed, s.device, src) if last else None, compile=bool(compile)))
     return out
 
 
@@ -272,10 +280,17 @@ def check_plan(stages: list[Stage], testbed: Testbed, checkpoint: str | Path, pr
 def deploy(plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str = "float32",
            device_map: dict[str, str] | None = None, problem: Problem | None = None,
            launch_opts: LaunchOptions | dict | None = None, threads: dict[str, int] | int | None = None,
-           fault_timeout: float = FAULT_TIMEOUT_S, load_timeout: float = LOAD_TIMEOUT_S) -> Deployment:
+           fault_timeout: float | None = None, load_timeout: float = LOAD_TIMEOUT_S, adaptive: Any = None,
+           compile: bool = False) -> Deployment:
     """Start one worker per stage of `plan` on its testbed device, load the stages, chain them; a Deployment.
 
+    `compile`: every worker builds the compiled decode path (static KV cache + torch.compile) and compiles it
+    while loading (minutes on CPU: give a `load_timeout` to match).
     `launch_opts`: options per launch kind ({"ssh": {...}} or a LaunchOptions); None = default_launch_options.
+    `fault_timeout`: the silence bound in seconds, in every phase (None: the launch options' `silence_s`, 5 s by
+    default); a worker silent longer, from its start to the end of generation, is a PipelineError naming its
+    stage, device, host and phase. `load_timeout`: the bound on a whole load that keeps sending PROGRESS.
+    `adaptive`: a runtime.adaptive.AdaptivePolicy: generate re-plans and moves shards while serving (off: None).
     """
     stages = list(plan.stages)
     if not stages:
@@ -288,13 +303,23 @@ def deploy(plan: Plan, testbed: Testbed, checkpoint: str | Path, dtype: str = "f
     _install_hooks()
     token = new_token()
     opts = default_launch_options(testbed) if launch_opts is None else LaunchOptions.of(launch_opts)
-    handles = start_workers(devices, token, opts)
-    chain = Chain(stages, handles, token, fault_timeout)
+    if fault_timeout is not None:
+        opts = dataclasses.replace(opts, silence_s=float(fault_timeout))
+    chain = Chain(stages, token, opts.silence_s, wire.shaper_for(link_shape(testbed, src, stages[0].device)))
     dep = Deployment(plan, testbed, checkpoint, dtype, chain, problem)
+    dep.adaptive = adaptive
+    dep.deploy_args = dict(dtype=dtype, device_map=device_map, launch_opts=opts, threads=threads, compile=compile,
+                           fault_timeout=fault_timeout, load_timeout=load_timeout)
     _LIVE.add(dep)
     try:
-        configs = stage_configs(stages, testbed, handles, checkpoint, dtype, device_map, threads)
-        chain.connect(configs, wire.shaper_for(link_shape(testbed, src, stages[0].device)), load_timeout)
+        try:
+            start_workers(devices, token, opts, ready=chain.attach, watch=chain.watch)
+        except StartError as e:  # name the stage; a fault found by `attach` is already named
+            if isinstance(e.cause, PipelineError):
+                raise e.cause from None
+            raise PipelineError(f"{chain.where(e.index)}: {e.cause}") from None
+        configs = stage_configs(stages, testbed, chain.handles, checkpoint, dtype, device_map, threads, compile)
+        chain.load(configs, load_timeout)
     except BaseException:
         dep.close()
         raise

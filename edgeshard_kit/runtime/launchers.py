@@ -8,17 +8,40 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.runtime.protocol import parse_listening, write_token_file
+from edgeshard_kit.runtime.protocol import SILENCE_S, parse_listening, write_token_file
 from edgeshard_kit.testbed.inventory import Device
 
 LISTEN_TIMEOUT_S = 60.0  # a worker imports torch before listening: seconds on a loaded 2-core box
+POLL_S = 0.2  # how often a launcher looks at a starting worker (its stdout, its process state)
+STOPPED = frozenset({"stopped", "tracing-stop"})  # process states (psutil's names) of a worker that cannot answer
+PROC_STATES = {"R": "running", "S": "sleeping", "D": "disk-sleep", "T": "stopped", "t": "tracing-stop",
+               "Z": "zombie", "X": "dead", "I": "idle", "W": "waking", "P": "parked"}  # /proc/PID/stat letters
+
+
+class StoppedClock:
+    """How long a starting worker's process has been seen stopped (SIGSTOP) without a break, seconds."""
+
+    def __init__(self) -> None:
+        self.since: float | None = None
+
+    def see(self, state: str | None) -> float:
+        now = time.monotonic()
+        if state not in STOPPED:
+            self.since = None
+            return 0.0
+        if self.since is None:
+            self.since = now
+        return now - self.since
 
 
 @dataclass
@@ -39,6 +62,10 @@ class WorkerHandle:
 
     def log_tail(self, n: int = 50) -> str:
         """The last `n` lines of the worker's stderr log."""
+        raise NotImplementedError
+
+    def state(self) -> str | None:
+        """The worker process's state in psutil's words ("running", "sleeping", "stopped", ...); None if gone."""
         raise NotImplementedError
 
 
@@ -91,6 +118,17 @@ class LocalWorkerHandle(WorkerHandle):
         except OSError:
             return ""
 
+    def state(self) -> str | None:
+        return process_state(self.proc.pid) if self.proc is not None and self.proc.poll() is None else None
+
+
+def process_state(pid: int) -> str | None:
+    """A local process's state in psutil's words; None when it is gone."""
+    try:
+        return psutil.Process(pid).status()
+    except psutil.Error:
+        return None
+
 
 def _signal_group(pid: int, sig: int) -> None:
     try:
@@ -100,20 +138,21 @@ def _signal_group(pid: int, sig: int) -> None:
 
 
 class LocalLauncher:
-    """Starts workers as subprocesses on 127.0.0.1 (this machine's interpreter unless `python` is given)."""
+    """Starts workers as subprocesses on 127.0.0.1 (this machine's interpreter unless `python` is given).
+
+    `listen_timeout`: seconds a worker may take to listen (it imports torch first); `silence_s`: a starting
+    worker whose process is stopped (SIGSTOP) this long is reported at once, not after `listen_timeout`.
+    """
 
     def __init__(self, python: str | None = None, bind: str = "127.0.0.1", log_dir: str | None = None,
-                 listen_timeout: float = LISTEN_TIMEOUT_S):
+                 listen_timeout: float = LISTEN_TIMEOUT_S, silence_s: float = SILENCE_S):
         self.python = python or sys.executable
         self.bind = bind
         self.log_dir = log_dir
-        self.listen_timeout = listen_timeout
+        self.listen_timeout, self.silence_s = listen_timeout, silence_s
 
-    def start(self, device: Device, token: bytes, port: int = 0) -> LocalWorkerHandle:
-        """Start a worker for `device` (pinned to `device.cpus` if set) and wait until it listens."""
-        port = port or getattr(device, "worker_port", 0) or 0
-        token_file = write_token_file(token)
-        fd, log_path = tempfile.mkstemp(prefix=f"edgeshard-worker-{device.name}-", suffix=".log", dir=self.log_dir)
+    def _spawn(self, device: Device, port: int, token_file: str, log_fd: int) -> subprocess.Popen:
+        """Start the worker's process (its own session; stdout piped, stderr to the log)."""
         cpus = getattr(device, "cpus", None)
         preexec = None
         if cpus:
@@ -122,37 +161,61 @@ class LocalLauncher:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         if cpus:
             env.setdefault("OMP_NUM_THREADS", str(len(cpus)))
-        proc = subprocess.Popen(worker_command(self.python, port, token_file, self.bind), stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=fd, start_new_session=True, preexec_fn=preexec,
+        return subprocess.Popen(worker_command(self.python, port, token_file, self.bind), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=log_fd, start_new_session=True, preexec_fn=preexec,
                                 env=env)
-        os.close(fd)
+
+    def start(self, device: Device, token: bytes, port: int = 0,
+              abort: threading.Event | None = None) -> LocalWorkerHandle:
+        """Start a worker for `device` (pinned to `device.cpus` if set) and wait until it listens.
+
+        KitError naming the device, host, pid and the worker's last log line when it exits, stays stopped for
+        `silence_s`, does not listen within `listen_timeout`, or `abort` is set meanwhile.
+        """
+        port = port or getattr(device, "worker_port", 0) or 0
+        token_file = write_token_file(token)
+        fd, log_path = tempfile.mkstemp(prefix=f"edgeshard-worker-{device.name}-", suffix=".log", dir=self.log_dir)
+        try:
+            proc = self._spawn(device, port, token_file, fd)
+        except BaseException:
+            Path(token_file).unlink(missing_ok=True)
+            raise
+        finally:
+            os.close(fd)
         handle = LocalWorkerHandle(device=device.name, host="127.0.0.1", port=0, proc=proc, log_path=log_path,
                                    token_file=token_file)
         try:
-            msg = _wait_listening(proc, self.listen_timeout)
+            msg = _wait_listening(proc, self.listen_timeout, self.silence_s, abort)
         except BaseException:
             handle.stop(1.0)
             raise
-        if msg is None:
-            tail = handle.log_tail(5).strip().splitlines()
-            handle.stop(1.0, keep_log=True)  # the message names the log
-            raise KitError(f"worker for device {device.name} did not start listening within "
-                           f"{self.listen_timeout:.0f} s: {tail[-1] if tail else 'no output'} (log {log_path})")
+        if isinstance(msg, str):
+            tail = [ln for ln in handle.log_tail(20).splitlines() if ln.strip()]
+            own = [ln for ln in tail if ln.startswith("[worker ")] or tail
+            handle.stop(1.0, keep_log=not (abort is not None and abort.is_set()))  # the message names the log
+            raise KitError(f"worker for device {device.name} did not start listening {msg} (host 127.0.0.1, "
+                           f"pid {proc.pid}): {own[-1][:200] if own else 'no output'} (log {log_path})")
         handle.port = int(msg["port"])
         return handle
 
 
-def _wait_listening(proc: subprocess.Popen, timeout: float) -> dict | None:
-    """Read the worker's stdout until its listening line, its exit, or `timeout` s."""
+def _wait_listening(proc: subprocess.Popen, timeout: float, silence_s: float = SILENCE_S,
+                    abort: threading.Event | None = None) -> dict | str:
+    """Read the worker's stdout until its listening line (returned); else why not, in words ("within 60 s")."""
     deadline = time.monotonic() + timeout
     buf = b""
     fd = proc.stdout.fileno()
+    stopped = StoppedClock()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], min(0.2, max(0.0, deadline - time.monotonic())))
+        ready, _, _ = select.select([fd], [], [], min(POLL_S, max(0.0, deadline - time.monotonic())))
         if ready:
             chunk = os.read(fd, 4096)
             if not chunk:
-                return None
+                try:
+                    proc.wait(1.0)
+                except subprocess.TimeoutExpired:
+                    pass
+                return f"(it closed its output, exit code {proc.poll()})"
             buf += chunk
             while b"\n" in buf:
                 line, buf = buf.split(b"\n", 1)
@@ -160,5 +223,10 @@ def _wait_listening(proc: subprocess.Popen, timeout: float) -> dict | None:
                 if msg is not None:
                     return msg
         elif proc.poll() is not None:
-            return None
-    return None
+            return f"(it exited with code {proc.returncode})"
+        if abort is not None and abort.is_set():
+            return "(not waited for: another worker failed to start)"
+        state = process_state(proc.pid)
+        if stopped.see(state) >= silence_s:
+            return f"(it stopped answering: its process has been {state} for {silence_s:g} s)"
+    return f"within {timeout:.0f} s"

@@ -6,6 +6,8 @@ import statistics
 from dataclasses import asdict
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.model.checkpoint import load_llama_config
+from edgeshard_kit.planning.problem import TOKEN_ID_BYTES
 from edgeshard_kit.runtime import wire
 from edgeshard_kit.runtime.launch import LaunchOptions, default_launch_options, link_shape, start_workers
 from edgeshard_kit.runtime.launchers import WorkerHandle
@@ -14,6 +16,30 @@ from edgeshard_kit.testbed.inventory import Testbed
 
 DEFAULT_SIZES = (64 * 1024, 1 << 20, 8 << 20)  # activation-sized and larger payloads, bytes
 PING_BYTES = 64  # the ping-pong payload that measures latency, bytes
+
+
+def message_sizes(profile, micro_batch_size: int = 1) -> tuple[int, ...]:
+    """The payloads (bytes) a deployment of `profile`'s model sends on a link per decode step: the token id
+    back to the source and the activation between two stages (hidden x dtype bytes per row of a micro-batch)."""
+    batch = max(int(profile.batch or 1), 1)
+    act = max(profile.out_bytes_per_token()[:-1]) // batch * micro_batch_size
+    return (TOKEN_ID_BYTES * micro_batch_size, int(act))
+
+
+def checkpoint_message_sizes(checkpoint, dtype_bytes: int = 4, micro_batch_size: int = 1) -> tuple[int, ...]:
+    """message_sizes from a checkpoint's config.json alone (no profile): the token id (8 bytes a row) and one
+    decode activation (hidden_size x dtype_bytes a row), bytes."""
+    hidden = int(load_llama_config(checkpoint).hidden_size)
+    return (TOKEN_ID_BYTES * micro_batch_size, hidden * dtype_bytes * micro_batch_size)
+
+
+def measured_links(testbed: Testbed, sizes: tuple[int, ...], repeats: int = 3,
+                   launch_opts: LaunchOptions | dict | None = None) -> tuple[dict, list[dict]]:
+    """({(src, dst): (goodput Mbps, one-way latency ms)}, per-size records) of every ordered pair, probed at
+    `sizes` (message_sizes: what the model sends): planning.build.LinkModel's `measured`."""
+    out = probe_testbed(testbed, tuple(sizes), repeats, launch_opts=launch_opts)
+    return {(p["src"], p["dst"]): (float(p["mbps"]), float(p["latency_ms"])) for p in out["links"]["pairs"]}, \
+        out["records"]
 
 
 def probe_pair(src_conn: wire.Connection, dst: WorkerHandle, sizes: tuple[int, ...], repeats: int,

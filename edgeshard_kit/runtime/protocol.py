@@ -3,7 +3,7 @@
 Both ends import this module (the worker may import only core, model, wire and this), so a kind is
 spelt once. A conversation, by connection:
 
-- control (coordinator -> worker): ROLE(control), then CONFIG(StageConfig) -> LOADED | ERROR;
+- control (coordinator -> worker): ROLE(control), then CONFIG(StageConfig) -> PROGRESS* then LOADED | ERROR;
   PING -> PONG; TOKENS (stage 0's input) and RELEASE (forget a request's caches); STATS -> STATS;
   PROBE_SEND -> PROBE_RESULT; SHUTDOWN -> BYE. The last stage sends TOKEN back on it; any stage ERROR.
 - data (stage i -> stage i+1): ROLE(data), then ACT frames (activations).
@@ -32,6 +32,11 @@ CONTROL_MAX = 64 << 20  # control frames carry token ids and small records
 PROBE_MAX = 256 << 20  # probe payloads (the probe's sizes are a few MiB)
 ACT_TOKENS_MAX = 1 << 16  # batch x tokens of one activation frame, at most
 
+# Liveness (docs/runtime.md, Faults): a worker busy with CONFIG sends PROGRESS this often; the coordinator declares
+# a worker stopped after SILENCE_S without any frame from it (or, before it listens, without its process running).
+PROGRESS_S = 1.0
+SILENCE_S = 5.0
+
 
 class ProtocolError(KitError):
     """The peer sent something that is not a valid frame or message (or closed the connection mid-frame)."""
@@ -50,6 +55,7 @@ class Kind(StrEnum):
     PING = "ping"                    # coordinator -> worker heartbeat (meta t) ...
     PONG = "pong"                    # ... and its answer
     CONFIG = "config"                # coordinator -> worker: StageConfig.to_dict() as meta
+    PROGRESS = "progress"            # worker -> coordinator, every PROGRESS_S while CONFIG runs: phase, elapsed_s, rss
     LOADED = "loaded"                # worker -> coordinator: load_s, rss_bytes, param_bytes, pid, hostname, threads
     TOKENS = "tokens"                # coordinator -> stage 0: prompt ids or last tokens (meta req, mb, step, ...)
     ACT = "act"                      # stage i -> stage i+1: activations (same meta)
@@ -132,6 +138,7 @@ class StageConfig:
     next: PeerAddress | None = None         # the next stage; None: this is the last stage, tokens go back
     shape_next: LinkShape | None = None     # app-level shaping of the link to the next stage
     shape_return: LinkShape | None = None   # last stage: of the link back to the source
+    compile: bool = False                   # the compiled decode path (static KV cache + torch.compile), built at load
 
     @property
     def last(self) -> bool:
@@ -161,6 +168,7 @@ class StageConfig:
                    device_name=_field(d, "device_name", (str,), where, optional=True) or "",
                    dtype=_field(d, "dtype", (str,), where, optional=True) or "float32",
                    device=_field(d, "device", (str,), where, optional=True) or "cpu", threads=threads,
+                   compile=bool(_field(d, "compile", (bool,), where, optional=True)),
                    next=None if d.get("next") is None else PeerAddress.from_dict(d["next"], f"{where} next"),
                    **shapes)
 

@@ -8,7 +8,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.model.checkpoint import load_tokenizer
 from edgeshard_kit.model.generate import encode_prompts
 from edgeshard_kit.planning.build import Workload, build_problem, load_profiles
-from edgeshard_kit.planning.dp import solve
+from edgeshard_kit.planning.objectives import solve_objective
 from edgeshard_kit.planning.plan import Plan, load_plan
 from edgeshard_kit.planning.problem import Problem
 from edgeshard_kit.profiling.measure import measure_profile
@@ -18,14 +18,15 @@ from edgeshard_kit.testbed.inventory import Testbed
 
 
 def quick_profiles(checkpoint: str | Path, testbed: Testbed, workload: Workload, dtype: str = "float32",
-                   profiles: list[str] | None = None, threads: int = 1) -> dict[str, Profile]:
-    """Profiles by device type: the given files, or one quick measurement on this host for every device type."""
+                   profiles: list[str] | None = None, threads: int = 1, compile: bool = False) -> dict[str, Profile]:
+    """Profiles by device type: the given files, or one quick measurement on this host for every device type
+    (`compile`: of the compiled decode path, as a `--compile` run will decode)."""
     if profiles:
         return load_profiles(profiles)
     plen = workload.prompt_len
     p = measure_profile(checkpoint, dtype=dtype, batch=workload.micro_batch_size, prompt_len=plen,
                         kv_lens=(plen + max(workload.gen_tokens, 1) // 2,), repeats=3, warmup=1,
-                        progress=False, threads=threads)
+                        progress=False, threads=threads, compile=compile)
     return {d.type: p for d in testbed.devices}  # local testbed: every device is this host
 
 
@@ -56,19 +57,21 @@ def prompt_workload(checkpoint: str | Path, prompts: list[str] | list[list[int]]
 
 
 def quick_problem(checkpoint: str | Path, testbed: Testbed, workload: Workload, dtype: str = "float32",
-                  profiles: list[str] | None = None, threads: int = 1, runtime: RuntimeCosts | None = None) -> Problem:
+                  profiles: list[str] | None = None, threads: int = 1, runtime: RuntimeCosts | None = None,
+                  compile: bool = False) -> Problem:
     """The planning problem: given profiles, or one quick measurement on this host for every device type."""
-    profs = quick_profiles(checkpoint, testbed, workload, dtype, profiles, threads)
+    profs = quick_profiles(checkpoint, testbed, workload, dtype, profiles, threads, compile)
     return build_problem(profs, testbed, workload, runtime=runtime)
 
 
 def plan_for_run(checkpoint: str | Path, testbed: Testbed, workload: Workload, dtype: str = "float32",
                  objective: str = "latency", plan_file: str | Path | None = None,
-                 profiles: list[str] | None = None) -> tuple[Plan, Problem | None]:
+                 profiles: list[str] | None = None, compile: bool = False) -> tuple[Plan, Problem | None]:
     """(plan, problem): the plan file if given (with a problem only when profiles are given, for the prediction),
-    else the plan solved for `objective` on a quick problem."""
+    else the plan solved for `objective` (planning.objectives; throughput: for the workload's micro-batches) on a
+    quick problem."""
     if plan_file:
         plan = load_plan(plan_file)
         return plan, (quick_problem(checkpoint, testbed, workload, dtype, profiles) if profiles else None)
-    problem = quick_problem(checkpoint, testbed, workload, dtype, profiles)
-    return solve(problem, objective), problem
+    problem = quick_problem(checkpoint, testbed, workload, dtype, profiles, compile=compile)
+    return solve_objective(problem, objective, workload.micro_batches), problem

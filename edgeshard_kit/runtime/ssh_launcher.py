@@ -21,8 +21,8 @@ from typing import Any, Callable
 import paramiko
 
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.runtime.launchers import LISTEN_TIMEOUT_S, WorkerHandle, worker_command
-from edgeshard_kit.runtime.protocol import parse_listening
+from edgeshard_kit.runtime.launchers import LISTEN_TIMEOUT_S, PROC_STATES, StoppedClock, WorkerHandle, worker_command
+from edgeshard_kit.runtime.protocol import SILENCE_S, parse_listening
 from edgeshard_kit.testbed.access import CONNECT_TIMEOUT_S, RUN_TIMEOUT_S, SSHConnection, SSHTarget, resolve_target
 from edgeshard_kit.testbed.inventory import Device, Testbed
 from edgeshard_kit.testbed.netns import resolve_ssh
@@ -95,6 +95,18 @@ class SSHWorkerHandle(WorkerHandle):
             return self.conn.run(self._alive_cmd(), 30)[0] == 0
         except KitError:
             return False  # the host is unreachable over SSH: for the coordinator the worker is gone
+
+    def state(self) -> str | None:
+        """The remote process's state (/proc/PID/stat, in psutil's words); None if gone or unreachable."""
+        if self._stopped or not self.pid:
+            return None
+        try:
+            rc, out, _ = self.conn.run(f"cat /proc/{self.pid}/stat 2>/dev/null", 30)
+        except KitError:
+            return None
+        fields = out.rpartition(")")[2].split()  # the command name, in parentheses, may hold spaces
+        state = PROC_STATES.get(fields[0], fields[0]) if rc == 0 and fields else None
+        return None if state in (None, "zombie", "dead") else state
 
     def stop(self, timeout: float = 5.0) -> None:
         if self._stopped:
@@ -171,7 +183,8 @@ class SSHLauncher:
     def __init__(self, device: Device | None = None, *, python: str | None = None, bind: str | None = None,
                  ssh_config: str | None = None, known_hosts: str | None = None, accept_new_host_keys: bool = False,
                  connect_timeout: float = CONNECT_TIMEOUT_S, listen_timeout: float = LISTEN_TIMEOUT_S,
-                 model_path: str | None = None, remote_tmp: str = "/tmp", log_dir: str | None = None,
+                 silence_s: float = SILENCE_S, model_path: str | None = None, remote_tmp: str = "/tmp",
+                 log_dir: str | None = None,
                  host: str | None = None, port: int | None = None, user: str | None = None, key: str | None = None,
                  alias: str | None = None, namespace: str | None = None):
         # namespace: given by netns.resolve_ssh; informational (the namespace is reached over its address).
@@ -180,7 +193,7 @@ class SSHLauncher:
         self.target_opts = dict(ssh_config=ssh_config, known_hosts=known_hosts,
                                 accept_new_host_keys=accept_new_host_keys, host=host, port=port, user=user,
                                 key=key, alias=alias)
-        self.connect_timeout, self.listen_timeout = connect_timeout, listen_timeout
+        self.connect_timeout, self.listen_timeout, self.silence_s = connect_timeout, listen_timeout, silence_s
         self.model_path, self.remote_tmp, self.log_dir = model_path, remote_tmp, log_dir
 
     def _dev(self, device: Device | None) -> Device:
@@ -223,8 +236,12 @@ class SSHLauncher:
         return parts[2] if rc == 0 and len(parts) == 4 else "0.0.0.0"
 
     def start(self, device: Device | None = None, token: bytes = b"", port: int = 0,
-              model_path: str | None = None) -> SSHWorkerHandle:
-        """Check the host (python, kit, model path), copy the token, start the worker and wait until it listens."""
+              model_path: str | None = None, abort: threading.Event | None = None) -> SSHWorkerHandle:
+        """Check the host (python, kit, model path), copy the token, start the worker and wait until it listens.
+
+        KitError naming device and host when the worker exits, stays stopped (SIGSTOP) for `silence_s`, does not
+        listen within `listen_timeout`, or `abort` is set meanwhile (another worker of the deployment failed).
+        """
         device = self._dev(device)
         if not token:
             raise KitError(f"device {device.name}: no deployment token given")
@@ -258,7 +275,7 @@ class SSHLauncher:
             if rc != 0 or not out.strip().isdigit():
                 raise conn._err(f"could not start the worker: {err.strip() or out.strip()}")
             handle.pid = int(out.strip())
-            msg = self._wait_listening(handle)
+            msg = self._wait_listening(handle, abort)
             host = msg.get("host")
             if host and host not in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
                 handle.host = host  # a worker bound to one address is reachable there only
@@ -276,18 +293,32 @@ class SSHLauncher:
             conn.sftp.chmod(path, 0o700)  # mkdir's mode is masked by the server's umask: set it exactly
         return path
 
-    def _wait_listening(self, handle: SSHWorkerHandle) -> dict:
+    def _wait_listening(self, handle: SSHWorkerHandle, abort: threading.Event | None = None) -> dict:
         deadline = time.monotonic() + self.listen_timeout
+        stopped = StoppedClock()
         while time.monotonic() < deadline:
             for line in handle._read_log(64 * 1024, "stdout.log", offset=0).splitlines():
                 msg = parse_listening(line)
                 if msg is not None:
                     return msg
-            if not handle.alive():
-                tail = handle.log_tail(5).strip().splitlines()
-                raise handle.conn._err(f"worker exited before listening: {tail[-1] if tail else 'no output'}")
+            state = handle.state()
+            if state is None:
+                raise handle.conn._err(f"worker did not start listening (pid {handle.pid} exited): {_last_line(handle)}")
+            if abort is not None and abort.is_set():
+                raise handle.conn._err("worker did not start listening (not waited for: another worker failed to start)")
+            if stopped.see(state) >= self.silence_s:
+                raise handle.conn._err(f"worker did not start listening (it stopped answering: its process, pid "
+                                       f"{handle.pid}, has been {state} for {self.silence_s:g} s); {_last_line(handle)}")
             time.sleep(POLL_S)
-        raise handle.conn._err(f"worker did not start listening within {self.listen_timeout:.0f} s")
+        raise handle.conn._err(f"worker did not start listening within {self.listen_timeout:.0f} s: "
+                               f"{_last_line(handle)}")
+
+
+def _last_line(handle: SSHWorkerHandle) -> str:
+    """The worker's last own log line (else its last line), for messages."""
+    lines = [ln for ln in handle.log_tail(20).splitlines() if ln.strip()]
+    own = [ln for ln in lines if ln.startswith("[worker ")] or lines
+    return f"last log line: {own[-1][:200]}" if own else "no output"
 
 
 def check_devices(testbed: Testbed, names: list[str] | None = None, model_path: str | None = None,

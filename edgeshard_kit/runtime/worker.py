@@ -25,12 +25,14 @@ from edgeshard_kit.model.generate import sample_next
 from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.runtime import wire
 from edgeshard_kit.runtime.protocol import (ACT_TOKENS_MAX, CONTROL_MAX, HANDSHAKE_S, IDLE_EXIT_S, MAX_PENDING, PROBE_MAX,
-                                            Kind, ProtocolError, Role, StageConfig, listening_line, read_token_file)
+                                            PROGRESS_S, Kind, ProtocolError, Role, StageConfig, listening_line,
+                                            read_token_file)
 
 # A worker's reader, compute and sender threads hand frames to each other; with Python's default 5 ms GIL
 # switch interval a woken thread can wait that long for the GIL, which is more than a small stage's compute.
 SWITCH_INTERVAL_S = 0.0002
 ACCEPT_BACKOFF_S = 0.2  # pause after accept() fails (e.g. EMFILE) before trying again
+NEXT_CONNECT_S = 30.0  # connecting to the next stage (the coordinator reports a silent next stage well before)
 
 
 def _log(msg: str) -> None:
@@ -52,6 +54,7 @@ class Worker:
         self.listener = socket.create_server((bind, port), reuse_port=False, backlog=16)
         self.host, self.port = self.listener.getsockname()[:2]
         self.model: StageModel | None = None
+        self.load_s = 0.0  # seconds the stage's units took to load
         self.cfg: StageConfig | None = None
         self.control: wire.Connection | None = None
         self.next: wire.Connection | None = None
@@ -183,7 +186,10 @@ class Worker:
 
     # ---- configuration --------------------------------------------------------------------------------------
     def _configure(self, conn: wire.Connection, meta: dict) -> None:
-        """Load the configured units and connect to the next stage; LOADED, or ERROR naming host and path."""
+        """Load the configured units and connect to the next stage; LOADED, or ERROR naming host and path.
+
+        Meanwhile a thread sends PROGRESS every PROGRESS_S (phase, elapsed_s, rss_bytes): a long load is not silence.
+        """
         host = socket.gethostname()
         try:
             cfg = StageConfig.from_dict(meta)
@@ -194,24 +200,64 @@ class Worker:
             conn.send(Kind.ERROR, message=f"model path {cfg.model_path} does not exist on host {host} "
                                           f"(worker {self.host}:{self.port})")
             return
+        t0 = time.perf_counter()
+        phase = [f"loading units {cfg.start}:{cfg.end}"]
+        stop = threading.Event()
+        beat = threading.Thread(target=self._progress, args=(conn, phase, t0, stop), daemon=True)
+        beat.start()
         try:
-            t0 = time.perf_counter()
-            if cfg.threads:
-                torch.set_num_threads(cfg.threads)
-            self.model = StageModel(cfg.model_path, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device)
-            load_s = time.perf_counter() - t0
-            self.cfg = cfg
-            conn.shaper = wire.shaper_for(cfg.shape_return)
-            if cfg.next is not None:
-                self.next = wire.connect(cfg.next.host, cfg.next.port, self.token, timeout=30.0,
-                                         shaper=wire.shaper_for(cfg.shape_next))
-                self.next.send(Kind.ROLE, role=Role.DATA, stage=cfg.stage)
-        except Exception as e:  # any failure to load is reported to the coordinator, not fatal to the worker
-            conn.send(Kind.ERROR, message=f"stage {cfg.stage} on host {host}: {type(e).__name__}: {e}")
+            error = self._load(cfg, conn, phase, host)
+        finally:
+            stop.set()
+            beat.join(PROGRESS_S)  # no PROGRESS after LOADED or ERROR (but never wait long on a blocked send)
+        if error is not None:
+            conn.send(Kind.ERROR, **error)
             return
         self.configured.set()
-        conn.send(Kind.LOADED, load_s=load_s, rss_bytes=_rss(), param_bytes=int(getattr(self.model, "param_bytes", 0)),
-                  pid=os.getpid(), hostname=host, threads=torch.get_num_threads())
+        _log(f"stage {cfg.stage}: ready after {time.perf_counter() - t0:.1f} s")
+        conn.send(Kind.LOADED, load_s=self.load_s, rss_bytes=_rss(),
+                  param_bytes=int(getattr(self.model, "param_bytes", 0)), pid=os.getpid(), hostname=host, threads=torch.get_num_threads())
+
+    def _load(self, cfg: StageConfig, conn: wire.Connection, phase: list[str], host: str) -> dict | None:
+        """Load the stage's units, connect to the next stage; None, or the ERROR frame's fields (and the log line)."""
+        try:
+            _log(f"stage {cfg.stage}: loading units [{cfg.start}, {cfg.end}) of {cfg.model_path}")
+            if cfg.threads:
+                torch.set_num_threads(cfg.threads)
+            t0 = time.perf_counter()
+            self.model = StageModel(cfg.model_path, cfg.start, cfg.end, dtype=cfg.dtype, device=cfg.device,
+                                    compile=cfg.compile)
+            if cfg.compile:  # compile now, under the load's PROGRESS frames, not in the first request
+                phase[0] = f"compiling the decode step of units {cfg.start}:{cfg.end}"
+                self.model.warm_compile()
+            self.load_s = time.perf_counter() - t0
+            self.cfg = cfg
+            conn.shaper = wire.shaper_for(cfg.shape_return)
+        except Exception as e:  # any failure to load is reported to the coordinator, not fatal to the worker
+            _log(f"stage {cfg.stage}: failed to load: {type(e).__name__}: {str(e)[:200]}")
+            return {"message": f"stage {cfg.stage} on host {host}: {type(e).__name__}: {e}"}
+        if cfg.next is None:
+            return None
+        phase[0] = f"connecting to stage {cfg.stage + 1} at {cfg.next.host}:{cfg.next.port}"
+        _log(f"stage {cfg.stage}: {phase[0]}")
+        try:
+            self.next = wire.connect(cfg.next.host, cfg.next.port, self.token, timeout=NEXT_CONNECT_S,
+                                     shaper=wire.shaper_for(cfg.shape_next))
+            self.next.send(Kind.ROLE, role=Role.DATA, stage=cfg.stage)
+        except (OSError, ProtocolError) as e:  # the coordinator decides whom to blame (`peer`: maybe it is silent)
+            _log(f"stage {cfg.stage}: cannot reach stage {cfg.stage + 1}: {str(e)[:200]}")
+            return {"peer": cfg.stage + 1, "message": f"stage {cfg.stage} on host {host} cannot reach the next stage "
+                                                      f"at {cfg.next.host}:{cfg.next.port}: {type(e).__name__}: {e}"}
+        return None
+
+    @staticmethod
+    def _progress(conn: wire.Connection, phase: list[str], t0: float, stop: threading.Event) -> None:
+        """PROGRESS frames on the control connection every PROGRESS_S until `stop` (the coordinator's silence bound)."""
+        while not stop.wait(PROGRESS_S):
+            try:
+                conn.send(Kind.PROGRESS, phase=phase[0], elapsed_s=round(time.perf_counter() - t0, 3), rss_bytes=_rss())
+            except OSError:
+                return
 
     # ---- the data path --------------------------------------------------------------------------------------
     def _report(self, message: str) -> None:

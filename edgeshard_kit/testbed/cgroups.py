@@ -86,7 +86,9 @@ def limits(tb: Testbed, dev: Device) -> dict:
 
 def all_dirs(tb: Testbed, known: list[str] = ()) -> set[str]:
     """Every cgroup directory of the testbed: its devices', `known` ones, and leftovers of devices since removed."""
-    dirs = {str(d) for dev in tb.devices for d in device_dirs(tb, dev)} | set(known)
+    mine = tuple(f"{testbed_dir(tb, c)}/" for c in CONTROLLERS)  # `known` (state.json) only inside the kit's subtree
+    dirs = {str(d) for dev in tb.devices for d in device_dirs(tb, dev)}
+    dirs |= {k for k in known if k.startswith(mine) and ".." not in Path(k).parts}
     for ctrl in CONTROLLERS:
         base = testbed_dir(tb, ctrl)
         dirs |= {str(p) for p in base.iterdir() if p.is_dir()} if base.is_dir() else set()

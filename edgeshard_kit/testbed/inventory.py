@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import check_size, read_text
 from edgeshard_kit.core.numbers import format_size, integer, number, parse_size
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -212,7 +213,7 @@ def _private_net(value: Any, where: str, example: str) -> ipaddress.IPv4Network:
 def _check_keys(d: Any, allowed: set[str], where: str) -> dict:
     if not isinstance(d, dict):
         raise KitError(f"{where}: expected a mapping, got {type(d).__name__}")
-    extra = sorted(set(d) - allowed)
+    extra = sorted((k for k in d if k not in allowed), key=str)
     if extra:
         raise KitError(f"{where}: unknown field {extra[0]!r} (allowed: {', '.join(sorted(allowed))})")
     return d
@@ -329,7 +330,7 @@ def _testbed_from_dict(data: Any, where: str) -> Testbed:
         for end in ("src", "dst"):
             if end not in p:
                 raise KitError(f"{w}: missing field {end!r}")
-            if p[end] not in seen:
+            if not isinstance(p[end], str) or p[end] not in seen:
                 raise KitError(f"{w}.{end}: unknown device {p[end]!r} (devices: {', '.join(dev.name for dev in devices)})")
         if p["src"] == p["dst"]:
             raise KitError(f"{w}: src and dst are both {p['src']!r}")
@@ -347,6 +348,8 @@ def _testbed_from_dict(data: Any, where: str) -> Testbed:
     if subnet is not None:
         subnet = str(_private_net(subnet, "emulation.subnet", "10.77.0.0/24"))
     gateways = _gateways(emu.get("gateways"), devices, mode, subnet)
+    if not isinstance(d.get("description") or "", str):
+        raise KitError(f"description: {d['description']!r} is not a string")
     if mode == "netns":
         if subnet is None:
             raise KitError("emulation.subnet: netns mode needs a private subnet, e.g. 10.77.0.0/24")
@@ -411,11 +414,16 @@ def load_testbed(path: str | Path) -> Testbed:
     where = str(path)
     if not p.is_file():
         raise KitError(f"{where}: no such testbed file")
+    text = read_text(p)
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise KitError(f"{where}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return testbed_from_dict(data, where)
+        raise KitError(f"{where}: not valid YAML ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise KitError(f"{where}: not valid YAML (nested too deeply)") from None
+    except (ValueError, OverflowError) as e:  # a value YAML parses but Python cannot hold (a 5,000-digit int)
+        raise KitError(f"{where}: not valid YAML ({str(e).split(':')[0][:120]})") from None
+    return testbed_from_dict(check_size(data, where), where)
 
 
 __all__ = ["Device", "Link", "Testbed", "load_testbed", "testbed_from_dict"]

@@ -13,11 +13,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.core.io import read_json, write_text_atomic
+from edgeshard_kit.core.schema import Count, FileModel, Name, validate
 from edgeshard_kit.testbed import cgroups, sshd
 from edgeshard_kit.testbed.inventory import Device, Testbed
-from edgeshard_kit.testbed.nsnet import (addresses, bridge_address, bridge_name,
-                                         check_subnets_free, gateway_side, inner_address, link_exists,
-                                         namespace_name, ns_run, routes, run, shape, veth_name)
+from edgeshard_kit.testbed.nsnet import (PREFIX, addresses, bridge_address, bridge_name, check_subnets_free,
+                                         gateway_side, inner_address, link_aliases, link_exists, namespace_name,
+                                         ns_run, owner_alias, routes, run, shape, veth_name)
 
 # Re-exported: netns.addresses, .bridge_address, .bridge_name, .inner_address, .namespace_name, .veth_name.
 __all__ = ["TestbedState", "testbed_up", "testbed_down", "testbed_status", "reshape", "session", "unavailable",
@@ -58,8 +60,28 @@ class TestbedState:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "TestbedState":
-        return cls(**d)
+    def from_dict(cls, d: dict, where: str = "state.json") -> "TestbedState":
+        """The state from its JSON form; KitError "WHERE: field: why" (one line) when it is not one."""
+        return cls(**validate(_StateIn, d, where).model_dump())
+
+
+class _StateIn(FileModel):
+    """The schema of state.json (what `TestbedState.to_dict` writes)."""
+
+    name: Name
+    state_dir: Name
+    bridge: Name
+    bridge_address: Name
+    subnet: Name
+    namespaces: dict[str, Name]
+    addresses: dict[str, Name]
+    veths: dict[str, Name]
+    sshd_pids: dict[str, Count]
+    cgroups: list[Name]
+    key: Name
+    known_hosts: Name
+    ssh_config: Name
+    via: dict[str, Name] = {}
 
 
 def _missing_tool() -> str | None:
@@ -110,7 +132,9 @@ def testbed_up(tb: Testbed) -> TestbedState:
         else:
             if not link_exists(veth):
                 run(["ip", "link", "add", veth, "type", "veth", "peer", "name", "eth0", "netns", ns])
+            run(["ip", "link", "set", veth, "alias", owner_alias(tb, dev.name)])  # `down` finds it by this
             run(["ip", "link", "set", veth, "master", br, "up"])
+        ns_run(ns, "ip", "link", "set", "eth0", "alias", owner_alias(tb, dev.name))  # marks the namespace as ours
         ns_run(ns, "ip", "link", "set", "lo", "up")
         ns_run(ns, "ip", "addr", "replace", f"{addrs[dev.name]}/{net.prefixlen}", "dev", "eth0")
         ns_run(ns, "ip", "link", "set", "eth0", "up")  # no default route: nothing outside the testbed is reachable
@@ -125,7 +149,8 @@ def testbed_up(tb: Testbed) -> TestbedState:
     state = TestbedState(name=tb.name, state_dir=str(sdir), bridge=br, bridge_address=br_addr, subnet=tb.subnet,
                          namespaces=namespaces, addresses=addrs, veths=veths, sshd_pids=pids, cgroups=cg_dirs,
                          key=str(sdir / sshd.CLIENT_KEY), known_hosts=str(known), ssh_config=str(cfg), via=via)
-    (sdir / "state.json").write_text(json.dumps(state.to_dict(), indent=1))
+    # Atomically: an interrupted `up` leaves the previous state.json or none, never half of one.
+    write_text_atomic(json.dumps(state.to_dict(), indent=1), sdir / "state.json")
     return state
 
 
@@ -135,6 +160,10 @@ def reshape(tb: Testbed) -> None:
     state = load_state(tb)
     if state is None:
         raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+    missing = [d.name for d in tb.devices if d.name not in state.namespaces]
+    if missing:
+        raise KitError(f"{tb.path or tb.name}: device {missing[0]} is not in the testbed that is up (the inventory "
+                       f"was edited): run `edgeshard testbed down` and `up` again")
     for dev in tb.devices:
         shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
@@ -174,17 +203,52 @@ def session(tb: Testbed):
 
 
 def load_state(tb: Testbed) -> TestbedState | None:
-    """The saved state of a testbed that is up, or None."""
+    """The saved state of a testbed that is up, or None; KitError naming state.json when it is unreadable
+    (empty, truncated, edited): `edgeshard testbed down` still cleans up, by the kit's names."""
     p = state_root() / tb.name / "state.json"
-    return TestbedState.from_dict(json.loads(p.read_text())) if p.is_file() else None
+    if not p.is_file():
+        return None
+    try:
+        return TestbedState.from_dict(read_json(p), str(p))
+    except KitError as e:
+        raise KitError(f"{e} (testbed {tb.name}: run `edgeshard testbed down {tb.path or tb.name}`, then up)") from None
+
+
+def _readable_state(tb: Testbed) -> TestbedState | None:
+    """The saved state, or None when there is none or it cannot be read (`down` then goes by the kit's names)."""
+    try:
+        return load_state(tb)
+    except KitError:
+        return None
+
+
+def _kit_namespaces(tb: Testbed, state: TestbedState | None) -> set[str]:
+    """The testbed's namespaces that exist: its devices', the state's, and every other "es-<testbed>-*" one whose
+    eth0 carries this testbed's alias (a device since removed from the inventory) or, without an alias (an `up`
+    interrupted early), that no longer-named testbed with a state folder claims."""
+    existing = _netns_list()
+    prefix = f"{PREFIX}-{tb.name}-"  # a hand-edited state.json names nothing outside the kit's names
+    ours = {namespace_name(tb, d.name) for d in tb.devices}
+    ours |= {ns for ns in (state.namespaces if state else {}).values() if ns.startswith(prefix)}
+    root = state_root()
+    others = [p.name for p in root.iterdir() if p.is_dir() and p.name != tb.name] if root.is_dir() else []
+    for ns in existing - ours:
+        if not ns.startswith(prefix):
+            continue
+        alias = link_aliases(ns).get("eth0")
+        if alias is not None:
+            if alias.startswith(owner_alias(tb, "")):
+                ours.add(ns)
+        elif not any(len(o) > len(tb.name) and ns.startswith(f"{PREFIX}-{o}-") for o in others):
+            ours.add(ns)
+    return ours & existing
 
 
 def testbed_down(tb: Testbed) -> list[str]:
     """Remove what `testbed_up` made (state file + kit-named leftovers after a crash); return what went."""
     _need_root("down")
-    sdir, state = state_root() / tb.name, load_state(tb)
-    namespaces = {namespace_name(tb, d.name) for d in tb.devices} | set((state.namespaces if state else {}).values())
-    namespaces &= _netns_list()
+    sdir, state = state_root() / tb.name, _readable_state(tb)
+    namespaces = _kit_namespaces(tb, state)
     cg_dirs = cgroups.all_dirs(tb, state.cgroups if state else [])
     removed = []
     # Processes first: every sshd of this testbed, then whatever still runs in its namespaces / cgroups.
@@ -198,7 +262,10 @@ def testbed_down(tb: Testbed) -> list[str]:
     for ns in sorted(namespaces):  # deleting a namespace deletes its eth0 and so the veth pair
         run(["ip", "netns", "del", ns])
         removed.append(f"namespace {ns}")
-    for veth in {veth_name(tb, d.name) for d in tb.devices} | set((state.veths if state else {}).values()):
+    mine = owner_alias(tb, "")
+    kit_veths = {name for name, alias in link_aliases().items() if alias.startswith(mine)}
+    listed = {v for v in (state.veths if state else {}).values() if v.startswith(f"{PREFIX}v")}
+    for veth in {veth_name(tb, d.name) for d in tb.devices} | listed | kit_veths:
         # The kernel removes a pair with its namespace, asynchronously: only a leftover gets deleted here.
         if link_exists(veth) and run(["ip", "link", "del", veth], check=False).returncode == 0:
             removed.append(f"veth {veth}")

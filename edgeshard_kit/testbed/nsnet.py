@@ -12,7 +12,16 @@ from edgeshard_kit.testbed.inventory import Device, Link, Testbed
 
 PREFIX = "es"                        # namespaces es-<testbed>-<device>; interfaces esbr*/esv*
 UNSHAPED_RATE = "10gbit"             # htb class for traffic that no link shapes (coordinator on the bridge, ARP)
+# A shaped link is an htb class (classification only, at UNSHAPED_RATE) with a tbf leaf that meters it. tbf cuts
+# GSO super-packets into segments and lets a packet go only when its bytes are in the bucket; the bucket holds
+# LINK_BURST_BYTES (one full Ethernet frame, the least tbf accepts), which an idle link passes at line rate. An htb
+# class alone lets a whole GSO packet (up to 64 KiB) through at line rate whenever it is not in debt, so a decode
+# activation cost nothing on a 2 Mbps link that is idle between tokens. planning.build's link model charges
+# max(0, wire bytes - burst) on an idle link and every wire byte on a busy one (tests/test_link_model.py).
+LINK_BURST_BYTES = 1600
+LINK_QUEUE_BYTES = 4 << 20           # tbf queue limit: the largest message waits, none is dropped
 INNER_BRIDGE = "esinner"             # inside a gateway's namespace: the bridge of the devices behind it
+OWNER = "edgeshard-kit"              # alias prefix of the links the kit makes (owner_alias)
 
 
 def _tag(tb: Testbed) -> str:
@@ -21,6 +30,24 @@ def _tag(tb: Testbed) -> str:
 
 def namespace_name(tb: Testbed, dev: str) -> str:
     return f"{PREFIX}-{tb.name}-{dev}"
+
+
+def owner_alias(tb: Testbed, dev: str) -> str:
+    """The alias the kit sets on a device's links (host-side veth, the namespace's eth0): "edgeshard-kit:<testbed>:
+    <device>". Testbed names hold no ':', so `down` tells its own links and namespaces from another testbed's
+    even when state.json is lost and the inventory was edited."""
+    return f"{OWNER}:{tb.name}:{dev}"
+
+
+def link_aliases(ns: str | None = None) -> dict[str, str]:
+    """{interface: alias} of the links that carry one, in the root namespace or in namespace `ns`."""
+    argv = ["ip", "-o", "link", "show"] if ns is None else ["ip", "-n", ns, "-o", "link", "show"]
+    out = {}
+    for line in run(argv, check=False).stdout.splitlines():
+        parts = line.split()
+        if "alias" in parts and len(parts) > 1:
+            out[parts[1].rstrip(":").split("@")[0]] = parts[parts.index("alias") + 1]
+    return out
 
 
 def bridge_name(tb: Testbed) -> str:
@@ -93,7 +120,8 @@ def shape(tb: Testbed, ns: str, dev: str, addrs: dict[str, str]) -> None:
 
 
 def _htb(ns: str, iface: str, rules: list[tuple[list[str], Link]], forwarded: str | None = None) -> None:
-    """An htb root on `iface`: unshaped class 1:1 by default, one class per shaped link chosen by u32 matches."""
+    """An htb root on `iface`: unshaped class 1:1 by default, one class per shaped link chosen by u32 matches,
+    metered by its tbf leaf (rate = the link's Mbps, bucket LINK_BURST_BYTES)."""
     ns_run(ns, "tc", "qdisc", "del", "dev", iface, "root", check=False)
     ns_run(ns, "tc", "qdisc", "add", "dev", iface, "root", "handle", "1:", "htb", "default", "1")
     ns_run(ns, "tc", "class", "add", "dev", iface, "parent", "1:", "classid", "1:1", "htb", "rate", UNSHAPED_RATE,
@@ -106,8 +134,10 @@ def _htb(ns: str, iface: str, rules: list[tuple[list[str], Link]], forwarded: st
             continue
         cls = f"1:{16 + j:x}"
         rate = f"{int(round(link.mbps * 1000))}kbit"
-        ns_run(ns, "tc", "class", "add", "dev", iface, "parent", "1:", "classid", cls, "htb", "rate", rate,
-               "ceil", rate)
+        ns_run(ns, "tc", "class", "add", "dev", iface, "parent", "1:", "classid", cls, "htb", "rate", UNSHAPED_RATE,
+               "burst", "1mb", "cburst", "1mb")
+        ns_run(ns, "tc", "qdisc", "add", "dev", iface, "parent", cls, "handle", f"{16 + j:x}:", "tbf", "rate", rate,
+               "burst", str(LINK_BURST_BYTES), "limit", str(LINK_QUEUE_BYTES))
         for match in matches:
             ns_run(ns, "tc", "filter", "add", "dev", iface, "parent", "1:", "protocol", "ip", "prio", "2", "u32",
                 *match.split(), "flowid", cls)
