@@ -362,6 +362,79 @@ NOTEBOOKS = {
 }
 
 
+def adaptive_cells() -> list[tuple[str, str]]:
+    """Notebook 06 (adaptive serving): a slider throttles the cloud links of a running deployment."""
+    return [
+        ("md", """
+# 06 · Adaptive serving: the network changes, the pipeline re-plans
+
+A deployment watches its own per-token timings (`adaptive=AdaptivePolicy(...)`): when a link or a stage drifts
+from the plan's prediction it re-solves the plan and moves the shards at a token boundary, rebuilding the KV
+caches by recomputation; the tokens stay identical to one-device generation (docs/adaptive.md). On the emulated
+testbed (root) the slider below re-shapes the cloud links with tc *under the running workers*; without root the
+local testbed cannot change a link under its workers, and a forced switch to the plan the planner would choose at
+`throttle_mbps` shows the move instead.
+"""),
+        ("params", """
+model_path = ""                    # empty: SmolLM2-135M-Instruct; "tiny": a tiny random checkpoint in the results folder
+tiny_layers = 4
+tiny_hidden = 128
+testbed = "auto"                   # auto: emulated when root (tc), else local (forced switch) | emulated | local
+cloud_mbps = 200.0                 # the cloud links when the generation starts
+throttle_mbps = 0.2                # the cloud links after the throttle (the planner's choice moves below ~0.5 Mbps)
+max_new_tokens = 80
+switch_at = 25                     # headless runs: the scripted throttle (or forced switch) after this many tokens
+repeats = 3                        # profiling repeats
+out_dir = ""
+results_root = "../results"
+"""),
+        ("code", """
+from edgeshard_kit.experiments import adaptive_demo, plots, results, steps
+
+plots.notebook_renderer()
+run = results.new_run("06_adaptive", steps.params_of(globals()), root=results_root, out=out_dir or None)
+checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
+demo = adaptive_demo.AdaptiveDemo(checkpoint, testbed, cloud_mbps, throttle_mbps, max_new_tokens, switch_at,
+                                  profile_repeats=repeats, run=run)
+print(demo.summary())
+"""),
+        ("md", """
+## Live: move the slider while it generates
+The generation runs in the background; every token adds a point, one colour per plan. Drag the slider down
+(say to 0.2 Mbps): a few tokens later the detector reports the link, the planner moves off the cloud, and a new
+colour begins after the pause of the switch. (Headless runs and exported HTML: the next cell throttles at
+`switch_at` tokens by itself.)
+"""),
+        ("code", """
+view = demo.widget()
+demo.start()
+view
+"""),
+        ("code", """
+demo.throttle_after(switch_at, throttle_mbps)  # what the slider does, scripted (a no-op move on the local testbed)
+result = demo.wait()
+print("tokens identical to one-device generation:", demo.tokens_match())
+demo.figure().show()
+"""),
+        ("md", """
+## The event records
+One row per event: its cause (drift, fault, forced), the evidence (predicted vs measured), the old and new plan,
+the predicted gain, the pause of the switch and the tokens recomputed. They and the figure go to the run folder.
+"""),
+        ("code", """
+import pandas as pd
+
+demo.save(run)
+demo.close()
+run.finish()
+pd.DataFrame(demo.events())
+"""),
+    ]
+
+
+NOTEBOOKS["06_adaptive.ipynb"] = (adaptive_cells(), "Adaptive serving")
+
+
 def keep_cell_ids(nb: nbformat.NotebookNode, path: Path) -> None:
     """Reuse the stored notebook's cell ids, position by position, so that a rebuild changes only what changed."""
     if not path.is_file():

@@ -13,7 +13,7 @@ import torch
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.problem import DeviceSpec, LinkSpec, Problem, Unit
-from edgeshard_kit.planning.replan import decide, plan_cost, with_link_mbps, without_device
+from edgeshard_kit.planning.replan import decide, plan_cost, with_device_scale, with_link_mbps, without_device
 from edgeshard_kit.runtime.adaptive import AdaptivePolicy
 from edgeshard_kit.runtime.deployment import deploy
 from edgeshard_kit.runtime.drift import DriftDetector, DriftSettings, predicted_signals
@@ -208,6 +208,30 @@ def test_detection_runs_on_a_live_deployment(ckpt, local_testbed, reference):
         assert e["cause"] == "drift" and e["evidence"] and e["reason"]
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,k", [("sequential", 1), ("pipelined", 2)])
+def test_a_stage_slower_than_planned_raises_a_drift_event(ckpt, local_testbed, reference, mode, k):
+    """The problem says stage 1's device is 1000x faster than it is: detection (in pipelined mode too, from the
+    workers' records read while other micro-batches are in flight) raises a drift event naming `compute 1`, with
+    predicted < measured; whatever the re-plan decides, no TOKEN frame is lost and the tokens stay identical."""
+    tb = local_testbed(2)
+    problem = with_device_scale(quick_problem(ckpt, tb, Workload(prompt_len=4, gen_tokens=NEW, batch=4)), "d1", 1e-3)
+    seen = []
+    policy = AdaptivePolicy(drift=DriftSettings(window=2, hold=1, cooldown=2, min_excess_ms=0.0), max_switches=1,
+                            observer=seen.append)
+    with deploy(plan_of(("d0", 0, 3), ("d1", 3, 6)), tb, ckpt, problem=problem, adaptive=policy) as dep:
+        res = dep.generate(PROMPTS, NEW, mode=mode, micro_batches=k)
+    assert res.tokens == reference
+    drift = [e for e in res.events if e["cause"] == "drift"]
+    assert drift, res.events
+    ev = {x["signal"]: x for x in drift[0]["evidence"]}
+    assert "compute 1" in ev and ev["compute 1"]["measured_ms"] > ev["compute 1"]["predicted_ms"]
+    if mode == "pipelined":  # a token's latency there includes queueing: stage signals only
+        assert "token" not in ev
+    # the run completed (a TOKEN frame swallowed by a stats round trip would leave it waiting), every token seen
+    assert len({(r["segment"], r["mb"], r["step"]) for r in seen}) == len(seen)
+
+
 # ---- the records and the timeline figure ------------------------------------------------------------------------
 def test_event_records_and_timeline(tmp_path):
     from edgeshard_kit.experiments.adaptive import EVENT_COLUMNS, latency_timeline, record_adaptive
@@ -232,3 +256,34 @@ def test_event_records_and_timeline(tmp_path):
     df = pd.read_csv(paths["events_csv"])
     assert list(df.columns) == list(EVENT_COLUMNS) and df.loc[0, "pause_ms"] == 31.0
     assert paths["timeline"].exists()
+
+
+# ---- the emulated-testbed demonstration's pieces (bench adaptive, notebook 06) -------------------------------------
+def test_the_demo_testbed_is_a_private_copy_of_the_emulated_one(ckpt):
+    from edgeshard_kit.experiments.adaptive_demo import adaptive_testbed
+    from edgeshard_kit.experiments.testbeds import EMULATED
+    from edgeshard_kit.testbed.inventory import load_testbed
+
+    base, tb = load_testbed(EMULATED), adaptive_testbed(ckpt)
+    assert tb.name == "adaptive" and tb.subnet == "10.78.0.0/24" and tb.names == base.names
+    assert all(d.address.startswith("10.78.0.") for d in tb.devices)
+    assert [d.cpu_quota for d in tb.devices] == [d.cpu_quota for d in base.devices]
+
+
+def test_choose_throttle_keeps_a_plan_whose_decode_frames_fit_the_token_bucket(ckpt):
+    """A tiny model's decode activation (4 layers x 128 hidden: 512 bytes + headers) fits tbf's 1600-byte bucket:
+    an idle link passes it at line rate whatever its rate, so no throttle moves the plan (auto: None)."""
+    from edgeshard_kit.bench.adaptive import THROTTLE_CANDIDATES, _parse, choose_throttle
+    from edgeshard_kit.core.units import format_stages
+    from edgeshard_kit.experiments.adaptive_demo import adaptive_testbed
+    from edgeshard_kit.runtime.quickplan import quick_profiles
+
+    tb = adaptive_testbed(ckpt)
+    wl = Workload(prompt_len=4, gen_tokens=8)
+    profiles = quick_profiles(ckpt, tb, wl)
+    low, rows = choose_throttle(profiles, tb, 200.0, "auto", wl, 0.1)
+    assert low is None and [r["throttle_mbps"] for r in rows] == list(THROTTLE_CANDIDATES)
+    assert not any(r["moved"] for r in rows)
+    low, rows = choose_throttle(profiles, tb, 200.0, 0.5, wl, 0.1)
+    assert low == 0.5 and len(rows) == 1
+    assert format_stages(_parse(rows[0]["old_plan"])) == rows[0]["old_plan"]

@@ -42,7 +42,13 @@ def _playwright():
 
 
 @pytest.fixture
-def lab(tmp_path):
+def sync_playwright():
+    """Playwright's sync entry point; skips (with the reason) before anything starts when it cannot run."""
+    return _playwright()
+
+
+@pytest.fixture
+def lab(tmp_path, sync_playwright):
     """(base URL, token, notebook folder): JupyterLab serving a copy of notebook 02, stopped afterwards."""
     root = tmp_path / "lab"
     (root / "notebooks").mkdir(parents=True)
@@ -91,8 +97,7 @@ def _text(page, selector: str) -> str:
     return page.locator(selector).first.inner_text(timeout=60 * MS)
 
 
-def test_notebook_02_in_jupyterlab(lab, tmp_path):
-    sync_playwright = _playwright()
+def test_notebook_02_in_jupyterlab(sync_playwright, lab, tmp_path):
     base, token, _ = lab
     args = ["--no-sandbox"] if os.geteuid() == 0 else []  # Chromium refuses to run as root inside its sandbox
     with sync_playwright() as pw:

@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from edgeshard_kit.core.errors import KitError
+from edgeshard_kit.model import compiled
 from edgeshard_kit.model.compiled import CAPACITY_STEP, DEFAULT_CAPACITY, cache_capacity, compile_available
 from edgeshard_kit.model.generate import build_stages, generate_split
+from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.profiling.measure import matching_profiles, measure_bandwidth
 from edgeshard_kit.profiling.profile import Profile, load_profile, save_profile
 from edgeshard_kit.runtime.deployment import deploy
@@ -53,6 +55,22 @@ def test_compiled_split_in_one_process_equals_eager_and_transformers(tiny_checkp
     again = generate_split(tiny_checkpoint, prompt_ids=IDS, attention_mask=MASK, max_new_tokens=STEPS, stages=stages)
     assert again.tokens == hf_tokens
     assert [s.compiled.compiles for s in stages] == [1, 1]
+
+
+@needs_compiler
+def test_a_full_static_cache_grows(tiny_checkpoint, hf_tokens, monkeypatch):
+    monkeypatch.setattr(compiled, "CAPACITY_STEP", 8)  # 8 prompt tokens in 16 slots: full after 8 decode steps
+    stage = StageModel(tiny_checkpoint, 0, 4, compile=True)
+    cache = stage.new_cache(max_len=9)
+    x, m, toks = IDS, MASK, []
+    for _ in range(STEPS):
+        tok = stage.forward(x, cache, m).argmax(-1)
+        toks.append(tok)
+        x, m = tok[:, None], None
+    assert cache.static.capacity == 32 and cache.static.length == IDS.shape[1] + STEPS - 1
+    assert torch.stack(toks, 1).tolist() == hf_tokens
+    with pytest.raises(KitError, match="batch size"):
+        stage.forward(x[:1], cache)
 
 
 @needs_compiler

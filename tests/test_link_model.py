@@ -19,7 +19,7 @@ from edgeshard_kit.testbed.inventory import Link
 
 ROOT_WHY = None if os.geteuid() == 0 and shutil.which("ip") and shutil.which("tc") else \
     "needs root with ip and tc (network namespaces and tc shaping)"
-pytestmark = pytest.mark.skipif(ROOT_WHY is not None, reason=ROOT_WHY or "")
+needs_root = pytest.mark.skipif(ROOT_WHY is not None, reason=ROOT_WHY or "")
 
 MBPS = 2.0
 ACT, TOKEN = 2304, 8  # SmolLM2's decode activation (576 float32) and a token id, bytes
@@ -70,6 +70,7 @@ def shaped_pair():
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
 
 
+@needs_root
 def test_link_model_with_burst_reproduces_measured_message_times(shaped_pair):
     import json
 
@@ -98,3 +99,19 @@ def test_link_model_with_burst_reproduces_measured_message_times(shaped_pair):
     # A token id fits in the bucket: no rate term on an idle link.
     assert idle.message_ms("a", "b", declared, TOKEN) == 0.0 and got[f"{TOKEN} idle"][0] < 2.0
     assert wire_bytes(ACT, 4) == ACT + 4 + 2 * 66
+
+
+def test_probed_goodput_does_not_count_the_burst_twice():
+    # A probe of a bucket-sized message on an idle 2 Mbps tbf link sees the burst as extra goodput (here 4.85
+    # Mbps). The tbf arithmetic, by hand: the activation is 2304 + 110 (frame) + 2 x 66 (segments) = 2546 wire
+    # bytes; idle: (2546 - 1600) x 8 / 2000 kbit/s = 3.784 ms, busy: 2546 x 8 / 2000 = 10.184 ms; plus the
+    # probe's one-way latency 0.2 ms. The goodput must not replace the shaper's rate on a shaped link.
+    declared, measured = LinkSpec(2.0, 0.0), {("a", "b"): (4.85, 0.2)}
+    idle = LinkModel(1600.0, True, measured)
+    busy = LinkModel(1600.0, False, measured)
+    assert idle.message_ms("a", "b", declared, 2304) == pytest.approx(0.2 + 3.784)
+    assert busy.message_ms("a", "b", declared, 2304) == pytest.approx(0.2 + 10.184)
+    assert idle.message_ms("a", "b", declared, 8) == pytest.approx(0.2)  # a token id fits in the bucket
+    # No shaper known (burst 0): the probe's goodput is the rate, headers included.
+    plain = LinkModel(0.0, True, measured)
+    assert plain.message_ms("a", "b", declared, 2304) == pytest.approx(0.2 + 2304 * 8 / 4850)

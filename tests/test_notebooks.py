@@ -81,8 +81,10 @@ def test_all_notebooks_execute(tmp_path):
     out = notebooks.run_notebooks(out=tmp_path / "nbrun", params=SMALL)
     for stem in (Path(n).stem for n in notebooks.NOTEBOOKS.values()):
         nb = nbformat.read(out / stem / f"{stem}.ipynb", as_version=4)
-        assert any(o.get("output_type") == "display_data" or o.get("data") for c in nb.cells
-                   if c.cell_type == "code" for o in c.outputs), f"{stem} shows nothing"
+        outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+        assert any(o.get("output_type") == "display_data" or o.get("data") for o in outputs), f"{stem} shows nothing"
+        warned = [o.text for o in outputs if o.get("name") == "stderr" and "Warning" in o.text]
+        assert not warned, f"{stem} prints warnings (red in JupyterLab): {warned[0][:500]}"
         assert (out / stem / "manifest.json").is_file()
     cols = lambda stem, csv: set(pd.read_csv(out / stem / f"{csv}.csv").columns)  # noqa: E731
     assert {"device_type", "unit", "phase", "median_ms"} <= cols("01_profile_testbed", "profiles")
@@ -145,6 +147,9 @@ def test_parameters_are_checked_against_the_parameters_cell(tmp_path):
     _param_error(tmp_path, {"04": {"tiny_hidden": 100}}, "multiple of 16", only="04")
     _param_error(tmp_path, {"03": {"chat": "yes"}}, "chat: Input should be a valid boolean", only="03")
     _param_error(tmp_path, {"05": {"models": "llama2-7b,gpt-9"}}, "models", only="05")
+    from edgeshard_kit.experiments import benchmark, nbparams  # the early check accepts what the benchmark reads
+    assert {m.lower() for m in benchmark.ALL_METHODS} < set(nbparams.METHOD_KEYS)
+    assert all(benchmark.pick_methods(k) for k in nbparams.METHOD_KEYS)
     # a relative path is taken from the directory the command runs in, and the error shows it resolved
     msg = _param_error(tmp_path, {"02": {"problem_file": "sub/p.json"}}, "problem_file", cwd=tmp_path)
     assert str((tmp_path / "sub" / "p.json").resolve()) in msg

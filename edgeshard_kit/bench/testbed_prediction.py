@@ -39,7 +39,7 @@ def testbed_prediction(testbed: str = "auto", model: str = "", cloud_mbps: str =
     tb, why = default_testbed(checkpoint, config.cloud_mbps[0], testbed)
     if tb.emulation == "netns":
         config = replace(config, testbed_file=tb)  # brought up for the run (and down after) if it is not up
-    log(f"testbed: {tb.name} ({'emulated: netns + tc + cgroups' if tb.emulation == 'netns' else why}); "
+    log(f"testbed: {tb.name} ({'netns + tc + cgroups, ' + why if tb.emulation == 'netns' else why}); "
         f"model {checkpoint} ({model_bytes(checkpoint) / 1e6:.0f} MB); K = {micro_batches} micro-batches")
     outcome = run_benchmark(run, config, log=log)
     table = outcome.tables["prediction"].copy()

@@ -218,9 +218,8 @@ class PlanExplorer:
         self.link.observe(self._pick_link, names="value")
         self.device.observe(self._pick_device, names="value")
         self.clear_links.on_click(self._clear_links)
-        advanced = w.Accordion([w.VBox([w.HBox([self.link, *self.link_mbps]), self.clear_links])])
-        advanced.set_title(0, "advanced: one link at a time")
-        advanced.selected_index = None
+        advanced = w.Accordion([w.VBox([w.HBox([self.link, *self.link_mbps]), self.clear_links])],
+                               titles=("advanced: one link at a time",), selected_index=None)
         wrap = w.Layout(flex_flow="row wrap", align_items="center")
         self.widget = w.VBox([
             w.HBox([self.objective], layout=wrap), w.HBox([self.micro], layout=wrap),
@@ -301,7 +300,11 @@ class PlanExplorer:
         """Re-solve; update the readout, the figures (cleared when no plan fits) and the table."""
         self.resolve()
         self.readout.value = readout_html(self.result, self.micro.value)
-        figs = list(self.figures().values())
+        try:
+            figs = list(self.figures().values())
+        except Exception as e:  # noqa: BLE001 - a widget callback's exception would only reach the browser's log
+            self.readout.value += f"<div style='color:#b00020'>could not draw: {html.escape(repr(e))}</div>"
+            figs = []
         if self.result["plan"] is None:
             figs = ["<div style='color:#666;background:#eee;padding:24px;text-align:center'>no feasible plan: "
                     "nothing to draw</div>"]

@@ -18,11 +18,16 @@ from pydantic import AfterValidator, BeforeValidator, ConfigDict, Field, StrictB
     ValidationError, ValidationInfo, create_model
 
 from edgeshard_kit.core.errors import KitError
-from edgeshard_kit.experiments import benchmark, paper, steps
-from edgeshard_kit.planning.objectives import OBJECTIVES
-from edgeshard_kit.profiling.measure import parse_kv_lens
+from edgeshard_kit.experiments import paper
+from edgeshard_kit.model import hub
+from edgeshard_kit.planning.objectives import BASELINE_NAMES, METHOD_NAMES, OBJECTIVES
 
 RUN_LOCATION = {"out_dir": "--out", "results_root": "--root"}  # set by run-notebooks itself, not by --params
+TINY = "tiny"  # model_path of a tiny random checkpoint (experiments.steps.TINY)
+# notebook 04's method names as benchmark.pick_methods reads them (this module loads no torch: `results list` and
+# `run-notebooks` stay light)
+METHOD_KEYS = tuple(m.lower() for m in (METHOD_NAMES["latency"], METHOD_NAMES["throughput"], *BASELINE_NAMES)) + (
+    "mem-proportional",)
 
 
 def cell_parameters(nb_path: str | Path) -> dict[str, Any]:
@@ -75,14 +80,18 @@ def _objective(v: str) -> str:
     return v
 
 
-def _kit_check(fn: Callable[[str], Any]) -> Callable[[str], str]:
-    def check(v: str) -> str:
-        try:
-            fn(v)
-        except KitError as e:
-            raise ValueError(str(e)) from None
-        return v
-    return check
+def _method_names(v: str) -> str:
+    bad = [x for x in v.split(",") if x.strip() and x.strip().lower().replace("_", "-") not in METHOD_KEYS]
+    if bad:
+        raise ValueError(f"method {bad[0].strip()!r}: choose from {', '.join(METHOD_KEYS[:-1])}")
+    return v
+
+
+def _positive_ints(v: str) -> str:
+    items = [x.strip() for x in v.split(",") if x.strip()]
+    if not items or not all(x.isdigit() and int(x) > 0 for x in items):
+        raise ValueError(f"{v!r}: give one or more positive integers, e.g. 32,64,128")
+    return ",".join(items)
 
 
 def _resolve(v: str, info: ValidationInfo) -> Path:
@@ -100,7 +109,8 @@ def _existing_file(v: str, info: ValidationInfo) -> str:
 
 
 def _model_path(v: str, info: ValidationInfo) -> str:
-    if not v or steps.is_tiny(v) or v.lower() in steps.hub_names():
+    hub_names = {n.lower() for m in hub.MODELS.values() for n in (m.name, *m.aliases)}
+    if not v or v.strip().lower() == TINY or v.strip().lower() in hub_names:
         return v
     p = _resolve(v, info).resolve()
     if not p.is_dir():
@@ -139,8 +149,8 @@ RULES: dict[str, Any] = {
     "memory_share": Annotated[float, BeforeValidator(_no_bool), Field(ge=0.0, le=1.0)],
     "objective": Annotated[StrictStr, AfterValidator(_objective)],
     "models": Annotated[StrictStr, COMMA, AfterValidator(_choices(paper.MODELS))],
-    "methods": Annotated[StrictStr, COMMA, AfterValidator(_kit_check(benchmark.pick_methods))],
-    "kv_lens": Annotated[StrictStr, COMMA, AfterValidator(_kit_check(parse_kv_lens))],
+    "methods": Annotated[StrictStr, COMMA, AfterValidator(_method_names)],
+    "kv_lens": Annotated[StrictStr, COMMA, AfterValidator(_positive_ints)],
     "testbed_file": Annotated[StrictStr, AfterValidator(_existing_file)],
     "problem_file": Annotated[StrictStr, AfterValidator(_existing_file)],
     "model_path": Annotated[StrictStr, AfterValidator(_model_path)],

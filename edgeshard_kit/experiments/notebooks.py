@@ -20,6 +20,7 @@ NOTEBOOKS = {
     "03": "03_deploy_and_generate.ipynb",
     "04": "04_benchmark_vs_baselines.ipynb",
     "05": "05_paper_reproduction.ipynb",
+    "06": "06_adaptive.ipynb",
 }
 
 

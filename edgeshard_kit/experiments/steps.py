@@ -94,12 +94,16 @@ def _remote_profile(testbed, dev, checkpoint: str | Path, prompt_len: int, kvs: 
 
 def profile_testbed(checkpoint: str | Path, testbed, repeats: int = 5, prompt_len: int = 16,
                     kv_lens: Any = "16,32", warmup: int = 1, run=None) -> dict:
-    """One measured Profile per device type, on a device of that type (locally, or over SSH)."""
+    """One measured Profile per device type, on a device of that type (locally, or over SSH); devices of a type
+    already measured share its profile (one measurement per type). A tqdm bar counts the device types."""
+    from tqdm import tqdm
+
     kvs = parse_kv_lens(kv_lens)
     out = {}
-    for dev in testbed.devices:
-        if dev.type in out:
-            continue
+    firsts = [dev for i, dev in enumerate(testbed.devices) if dev.type not in {d.type for d in testbed.devices[:i]}]
+    bar = tqdm(firsts, desc="profile device types", unit="type", leave=False, disable=None)
+    for dev in bar:
+        bar.set_postfix_str(f"{dev.type} on {dev.name}")
         if dev.launch == "local":
             prof = measure_profile(checkpoint, prompt_len=prompt_len, kv_lens=kvs, repeats=repeats, warmup=warmup,
                                    device_type=dev.type, progress=False, threads=dev.threads() or 1)

@@ -233,12 +233,13 @@ class StageModel(nn.Module):
 
     def _compiled_step(self, x: torch.Tensor, cache: StageCache) -> torch.Tensor:
         """One decode step through the compiled path (static KV cache; positions as the eager path counts them)."""
+        bsz = cache.static.valid.shape[0] if cache.static is not None else cache.mask.shape[0]
+        if bsz != x.shape[0]:
+            raise KitError(f"batch size {x.shape[0]} differs from the cache's batch size {bsz}")
         if cache.static is None:
             cache.static = self.compiled.to_static(cache, cache.capacity)
         elif cache.static.length >= cache.static.capacity:
             cache.static = self.compiled.grow(cache, cache.static)
-        if cache.static.valid.shape[0] != x.shape[0]:
-            raise KitError(f"batch size {x.shape[0]} differs from the cache's batch size {cache.static.valid.shape[0]}")
         pos = cache.next_pos[:, None]
         cache.next_pos = cache.next_pos + 1
         return self.compiled.decode(x, pos, cache.static)

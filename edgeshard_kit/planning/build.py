@@ -33,8 +33,10 @@ class LinkModel:
     the bucket is full: `idle` = the link idles between messages, as in sequential decode (one message per
     link per token), so a message costs max(0, wire bytes - burst) x 8 / Mbps; not idle = a busy, pipelined
     link, every wire byte at the rate. `measured`: (src, dst) -> (goodput Mbps, one-way latency ms) from
-    `edgeshard probe` at the message sizes the model sends; they replace the inventory's figures (the goodput
-    then already counts the headers). The problem's links are the lines through the costs of the two message
+    `edgeshard probe` at the message sizes the model sends: the latency replaces the inventory's; the goodput
+    replaces the rate only on a link without a known shaper (burst_bytes 0 or an unshaped link), where it
+    already counts the headers. On a shaped link the rate stays the declared one (the shaper's), because a probe
+    of bucket-sized messages measures the burst, not the rate. The problem's links are the lines through the costs of the two message
     sizes a link carries (the return token and the decode activation), exact at both.
     """
 
@@ -45,15 +47,21 @@ class LinkModel:
 
     def message_ms(self, src: str, dst: str, declared: LinkSpec, nbytes: float) -> float:
         """ms for one message of `nbytes` payload from src to dst (declared: the inventory's link)."""
+        mbps, lat = declared.mbps, declared.latency_ms
         if (src, dst) in self.measured:
-            mbps, lat = self.measured[(src, dst)]
-            busy = 0.0 if math.isinf(mbps) else nbytes * 8.0 / (mbps * 1000.0)
-        else:
-            mbps, lat = declared.mbps, declared.latency_ms
-            busy = 0.0 if math.isinf(mbps) else wire_bytes(nbytes, self.frame_bytes) * 8.0 / (mbps * 1000.0)
-        if self.idle and not math.isinf(declared.mbps):
-            busy = max(0.0, busy - self.burst_bytes * 8.0 / (declared.mbps * 1000.0))
-        return lat + busy
+            lat = self.measured[(src, dst)][1]
+            if not (self.burst_bytes > 0 and math.isfinite(declared.mbps)):
+                # No shaper we know of: the probe's goodput is the rate (it already counts the headers).
+                goodput = self.measured[(src, dst)][0]
+                return lat + (0.0 if math.isinf(goodput) else nbytes * 8.0 / (goodput * 1000.0))
+        # A token-bucket shaper meters wire bytes at its rate: a probe's goodput at message sizes that fit the
+        # bucket mixes the burst into the rate (counted twice if subtracted again), so the declared rate is kept.
+        if math.isinf(mbps):
+            return lat
+        wire = wire_bytes(nbytes, self.frame_bytes)
+        if self.idle:
+            wire = max(0.0, wire - self.burst_bytes)
+        return lat + wire * 8.0 / (mbps * 1000.0)
 
     def effective(self, src: str, dst: str, declared: LinkSpec, small: float, large: float) -> LinkSpec:
         """The LinkSpec whose latency + bytes x 8 / Mbps equals `message_ms` at `small` and `large` bytes."""

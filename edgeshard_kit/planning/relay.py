@@ -17,6 +17,7 @@ import numpy as np
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.problem import EPS_MS, Problem
+from edgeshard_kit.planning.relay_bounds import ClassBound, transfer_minima
 
 
 def _link_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +139,8 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
     cap_bound = _capacity_bound(problem, objective)
     canon = _canonical(groups, src)
     link_lat, link_mbps = _link_arrays(problem)
+    class_bound = ClassBound(problem, objective, cap_ms, np.array(memcap),
+                             *transfer_minima(problem, lambda nb: _transfer_matrix(link_lat, link_mbps, nb), src)).bound
 
     def transfer(a: int, b: int, nbytes: float) -> float:  # Problem.transfer_ms without the name look-ups
         if a == b:
@@ -192,6 +195,8 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
             return f + step, [Stage(names[d], s, e) for d, s, e in stages]
         if not bounded:  # lazily tighten with the memory/capacity bound, then queue again
             f2 = max(f, cap_bound(u, mem, loads, g))
+            if f2 < ub:
+                f2 = max(f2, class_bound(u, last, mem, loads, g, ub))
             if f2 >= ub:
                 continue
             if f2 > f:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import datetime
 from dataclasses import replace
 import platform
@@ -246,11 +247,14 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
                     units[u]["prefill"].append(got[True][1][u])
                 over["prefill"].append(got[False][0] - sum(got[True][1].values()))
         for kv in kv_lens:
+            # One untimed prefill of `kv` random tokens per KV length; every pair decodes from a copy of that cache
+            # (a copy costs far less than a prefill), so every timed step sees kv or kv+1 cached tokens.
+            timer.active = False
+            base = stage.new_cache()
+            first = sample_next(stage.forward(ids(kv), base))
             for i in range(warmup + repeats):
-                # A fresh cache of `kv` random tokens (untimed) per pair: every timed step sees kv or kv+1.
                 timer.active = False
-                cache = stage.new_cache()
-                tok = sample_next(stage.forward(ids(kv), cache))
+                cache, tok = copy.deepcopy(base), first
                 got = {}
                 for hooked in ((True, False) if i % 2 == 0 else (False, True)):
                     timer.active = hooked
@@ -313,7 +317,7 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
             "method": {"repeats": repeats, "warmup": warmup, "statistic": "median (min and max kept)",
                        "timer": "time.perf_counter after device synchronisation",
                        "units": "forward hooks inside real steps of the whole model as one stage",
-                       "decode": "each repeat at kv_len: an untimed prefill of kv_len random tokens into a fresh "
+                       "decode": "at each kv_len one untimed prefill of kv_len random tokens; each repeat a copy of that "
                                  "cache, then a pair of greedy decode steps (kv_len and kv_len + 1 cached tokens)",
                        "pairs": "each repeat = a hooked step and a plain step in alternating order",
                        "overhead": "plain step minus the sum of units of its paired hooked step (median)",

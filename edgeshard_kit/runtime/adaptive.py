@@ -150,11 +150,15 @@ class _Session:
         if self.stop_at is not None:
             return True
         p = self.policy
-        if (p.detect and self.problem is not None and self.k == 1 and step > 0 and self.pending is None
+        if (p.detect and self.problem is not None and step > 0 and self.pending is None
                 and step % p.check_every == 0):
-            recs = [r for r in self.dep.chain.stats(clear=False) for r in r["records"]
-                    if r.get("req") == rec["req"] and r.get("step") == step]
-            ev = self.detector.observe(token, measured_signals(recs, rec["latency_ms"], self.dep.stages))
+            chain = self.dep.chain  # pipelined: other micro-batches are in flight, their TOKEN frames are kept
+            stats = chain.stats(clear=False) if self.k == 1 else chain.stats_in_flight()
+            recs = [r for r in stats for r in r["records"]
+                    if r.get("req") == rec["req"] and r.get("step") == step and r.get("mb", mb) == mb]
+            # pipelined, a token's latency includes queueing behind the other micro-batches: stage signals only
+            latency = rec["latency_ms"] if self.k == 1 else None
+            ev = self.detector.observe(token, measured_signals(recs, latency, self.dep.stages))
             if ev:
                 self._on_drift(ev, token)
         if self.pending is None and self.forced and self.forced[0][0] <= token and self._switches() < p.max_switches:
@@ -253,7 +257,12 @@ class _Session:
         self.await_first = event  # the pause runs from the last token before the fault
 
     def close(self) -> None:
+        """End the call: a switch still in preparation is recorded as not made, its workers shut down."""
         if self.pending is not None:
+            ev = self.pending.event
+            ev.update(moved=False, error=ev.get("error") or "the generation ended before the new plan's workers "
+                                                            "were loaded")
+            self.events.append(ev)
             try:
                 self.pending.future.result().close()
             except Exception:  # a failed background deploy has nothing to close

@@ -29,6 +29,7 @@ from edgeshard_kit.core.units import Stage
 from edgeshard_kit.model.generate import finish_step
 from edgeshard_kit.planning.schedule import release
 from edgeshard_kit.runtime import wire
+from edgeshard_kit.runtime.feed import Feed
 from edgeshard_kit.runtime.launchers import STOPPED, WorkerHandle
 from edgeshard_kit.runtime.liveness import HEARTBEAT_S, Clocks, Waiter
 from edgeshard_kit.runtime.protocol import PROGRESS_S, SILENCE_S, Kind, ProtocolError, Role, StageConfig
@@ -78,6 +79,7 @@ class Chain:
         self.stages = list(stages)
         self.handles: list[WorkerHandle | None] = [None] * n  # filled by attach, as the workers come up
         self.conns: list[wire.Connection | None] = [None] * n
+        self.feed = Feed(n)  # TOKENS to stage 0, TOKENs back from the last stage (connections opened by `load`)
         self.silence_s, self.first_shaper = silence_s, first_shaper
         self._token = token
         self.info: list[StageInfo] = []
@@ -155,8 +157,10 @@ class Chain:
             while True:
                 f = conn.recv()
                 self.events.put(("frame", i, f, self.clocks.heard(i)))
+                self.feed.poke()
         except (ProtocolError, OSError) as e:
             self.events.put(("closed", i, str(e), time.perf_counter()))
+            self.feed.poke()
 
     # ---- liveness -------------------------------------------------------------------------------------------
     def check(self) -> None:
@@ -253,6 +257,17 @@ class Chain:
                                        param_bytes=int(m.get("param_bytes", 0)), pid=int(m.get("pid", 0)),
                                        hostname=str(m.get("hostname", ""))))
             self.doing[i] = "during generation"
+        self.feed.open(self._data_conn, self.first_shaper)
+
+    def _data_conn(self, i: int, returns: bool, shaper: wire.LinkShaper | None) -> wire.Connection:
+        """A data connection of the coordinator's own to stage i (runtime.feed); `returns`: its TOKENs come back on it."""
+        h = self.handles[i]
+        try:
+            conn = wire.connect(h.host, h.port, self._token, timeout=self.silence_s, shaper=shaper)
+            conn.send(Kind.ROLE, role=Role.DATA, returns=returns)
+        except (OSError, ProtocolError) as e:
+            raise self.fault(i, f"did not accept the coordinator's data connection: {e}") from None
+        return conn
 
     def close(self) -> None:
         """Ask every worker to shut down, close the connections, stop the processes; idempotent."""
@@ -268,6 +283,7 @@ class Chain:
             except OSError:
                 pass
             c.close()
+        self.feed.close()
         for h in self.handles:
             if h is None:
                 continue
@@ -292,6 +308,37 @@ class Chain:
     def stats(self, clear: bool = True) -> list[dict]:
         """Every worker's timing records, byte counters and RSS."""
         return self.request_all(Kind.STATS, Kind.STATS, clear=clear)
+
+    def stats_in_flight(self) -> list[dict]:
+        """`stats(clear=False)` while a schedule runs (runtime.adaptive reads it from run_schedule's `on_token` hook,
+        micro-batches in flight): every other frame that arrives meanwhile (a TOKEN) goes back on the queue, in
+        order and with its arrival time, for run_schedule to read when the hook returns."""
+        for i in range(len(self.conns)):
+            self.send_to(i, Kind.STATS, clear=False)
+        got: dict[int, dict] = {}
+        held: list[tuple] = []
+        try:
+            while len(got) < len(self.conns):
+                self.check()
+                try:
+                    ev = self.events.get(timeout=HEARTBEAT_S / 2)
+                except queue.Empty:
+                    continue
+                if ev[0] == "frame" and ev[2].kind == Kind.STATS and ev[1] not in got:
+                    got[ev[1]] = ev[2].meta
+                elif not (ev[0] == "frame" and ev[2].kind == Kind.PONG):
+                    held.append(ev)  # a TOKEN, or a fault that run_schedule's Waiter reports when it reads it
+                    if ev[0] == "closed":
+                        raise self.fault(ev[1], f"died (connection closed: {ev[2]})")
+        finally:
+            while True:  # what arrived after the last reply goes behind what was held, in arrival order
+                try:
+                    held.append(self.events.get_nowait())
+                except queue.Empty:
+                    break
+            for ev in held:
+                self.events.put(ev)
+        return [got[i] for i in range(len(self.conns))]
 
     def run_schedule(self, ids: torch.Tensor, mask: torch.Tensor, steps: int, k: int, schedule: str,
                      sample: dict, eos_ids: tuple[int, ...] = (), pad_id: int | None = None,
@@ -321,7 +368,13 @@ class Chain:
             if step == 0:
                 meta.update(mask=None if bool(m.all()) else m.tolist(), sample=sample)
             sent_at[(mb, step)] = time.perf_counter()
-            self.send_to(0, Kind.TOKENS, x, **meta)
+            if self.feed.first is None:  # not loaded through `load`: stage 0's control connection takes them
+                self.send_to(0, Kind.TOKENS, x, **meta)
+                return
+            try:
+                self.feed.send(Kind.TOKENS, x, **meta)
+            except OSError as e:
+                raise self.fault(0, f"cannot be reached ({e})") from None
 
         w = Waiter(self)
         t_start = time.perf_counter()

@@ -8,7 +8,6 @@ busy) does not count against a worker.
 
 from __future__ import annotations
 
-import queue
 import time
 from typing import Any
 
@@ -67,10 +66,10 @@ class Waiter:
         ch = self.chain
         while True:
             ch.check()
-            try:
-                kind, i, f, t = ch.events.get(timeout=self.heartbeat / 2)
-            except queue.Empty:
+            ev = ch.feed.next_event(ch.events, self.heartbeat / 2, ch.silence_s, ch.clocks.heard)
+            if ev is None:
                 continue
+            kind, i, f, t = ev
             if kind == "closed":
                 raise ch.fault(i, f"died (connection closed: {f})")
             if f.kind in (Kind.PONG, Kind.PROGRESS):

@@ -33,6 +33,7 @@ DTYPES: dict[str, torch.dtype] = {
     "bool": torch.bool,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+ITEMSIZE = {v: torch.empty((), dtype=v).element_size() for v in DTYPES.values()}
 
 
 @dataclass
@@ -51,9 +52,15 @@ class Frame:
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """The raw bytes of `t` (contiguous, CPU); bfloat16 and bool travel as a uint8 view."""
-    t = t.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    """The raw bytes of `t` (contiguous, CPU; no copy when it already is); bfloat16 and bool travel as a uint8 view."""
+    t = t.detach()
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.to("cpu").contiguous()
+    if not t.numel():
+        return memoryview(b"")
+    if t.dtype in (torch.bfloat16, torch.bool):  # no numpy dtype of their own
+        t = t.reshape(-1).view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def encode_header(kind: str, tensor: torch.Tensor | None = None, **meta: Any) -> tuple[bytes, memoryview]:
@@ -106,7 +113,7 @@ def read_frame_from(readinto: Callable[[memoryview], int], max_payload: int = MA
     hb = bytearray(hlen)
     _read_exact(readinto, memoryview(hb))
     try:
-        head = json.loads(hb)
+        head = json.loads(hb.decode())  # UnicodeDecodeError is a ValueError
     except (ValueError, RecursionError):
         raise ProtocolError("frame header is not valid JSON (or nested too deeply)") from None
     if not isinstance(head, dict) or not isinstance(head.get("kind"), str):
@@ -128,8 +135,7 @@ def read_frame_from(readinto: Callable[[memoryview], int], max_payload: int = MA
         numel = 1
         for s in shape:
             numel *= s
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if numel * itemsize != plen:
+        if numel * ITEMSIZE[dtype] != plen:
             raise ProtocolError(f"payload of {plen} bytes does not match shape {shape} of {DTYPE_NAMES[dtype]}")
         if any(s > max_payload for s in shape):  # a zero-size tensor with huge dims overflows torch's strides
             raise ProtocolError(f"frame header has a dimension over {max_payload} in shape {shape}")
@@ -191,6 +197,18 @@ def shaper_for(link: Any, mode: str = "app") -> LinkShaper | None:
     return LinkShaper(float(mbps), lat)
 
 
+def _send_all(sock: socket.socket, parts: list[memoryview]) -> None:
+    """Send every byte of `parts` with sendmsg (gathered, no concatenation copy), however the kernel splits it."""
+    parts = [p for p in parts if p.nbytes]
+    while parts:
+        n = sock.sendmsg(parts)
+        while parts and n >= parts[0].nbytes:
+            n -= parts[0].nbytes
+            parts.pop(0)
+        if parts and n:
+            parts[0] = parts[0][n:]
+
+
 class Connection:
     """A framed, counted connection over a socket; `send` is thread-safe, `recv` is for one reader."""
 
@@ -217,11 +235,7 @@ class Connection:
             if sh is not None:
                 sh.message()
             if sh is None or sh.rate == float("inf"):
-                if payload.nbytes < 65536:
-                    self.sock.sendall(head + bytes(payload))
-                else:
-                    self.sock.sendall(head)
-                    self.sock.sendall(payload)
+                _send_all(self.sock, [memoryview(head), payload])  # one syscall: a receiver wakes once per frame
             else:
                 for part in (memoryview(head), payload):
                     for i in range(0, part.nbytes, SEND_CHUNK // 16):

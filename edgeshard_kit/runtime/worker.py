@@ -3,6 +3,8 @@
 Its life, top to bottom: `serve` prints the listening line and accepts connections; the coordinator's
 control connection sends CONFIG (load the units, connect to the next stage), then frames flow:
 TOKENS/ACT in -> `_step` computes -> ACT to the next stage, or (last stage) a sampled TOKEN back.
+A data connection's frames (ACT from the previous stage, TOKENS from the coordinator's feed) are read,
+computed and sent on one thread: no hand-off between threads, which on a busy host costs a wait for a core.
 It imports only core, model, the wire and the protocol: it starts on remote hosts.
 """
 
@@ -59,13 +61,15 @@ class Worker:
         self.control: wire.Connection | None = None
         self.next: wire.Connection | None = None
         self.prev: wire.Connection | None = None
+        self.back: wire.Connection | None = None  # the coordinator's data connection that takes the last stage's TOKENs
         self.caches: dict[tuple, Any] = {}
         self.generators: dict[tuple, torch.Generator] = {}
         self.sampling: dict[tuple, dict] = {}
         self.inbox: queue.Queue = queue.Queue()
         self.outbox: queue.Queue = queue.Queue()
         self.records: dict[tuple, dict] = {}
-        self.lock = threading.Lock()
+        self.lock = threading.Lock()  # the records
+        self.step_lock = threading.Lock()  # one step at a time (data threads and the compute thread)
         self.done, self.configured = threading.Event(), threading.Event()  # configured: CONFIG loaded the stage
 
     @property
@@ -122,7 +126,7 @@ class Worker:
             if role == Role.CONTROL:
                 self._control_loop(conn)
             elif role == Role.DATA:
-                self._data_loop(conn)
+                self._data_loop(conn, bool(first.get("returns")))
             elif role == Role.PROBE:
                 self._probe_loop(conn)
             else:
@@ -171,13 +175,19 @@ class Worker:
             conn.send(Kind.ERROR, message=f"unknown request {f.kind!r}")
         return True
 
-    def _data_loop(self, conn: wire.Connection) -> None:
-        self.prev = conn
+    def _data_loop(self, conn: wire.Connection, returns: bool = False) -> None:
+        """ACT (or stage 0's TOKENS) in; with `returns` (the coordinator's), the last stage's TOKENs go back on it."""
+        if returns:
+            self.back = conn
+        else:
+            self.prev = conn
         self.configured.wait()  # the activation limit, batch x tokens x hidden x 4 (float32, the widest), needs it
+        if returns:
+            conn.shaper = wire.shaper_for(self.cfg.shape_return)
         limit = min(wire.MAX_PAYLOAD, ACT_TOKENS_MAX * int(self.model.config.hidden_size) * 4)
         while True:
             f = conn.recv(max_payload=limit)
-            self.inbox.put((f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes))
+            self._run(f, time.perf_counter(), conn.last_transfer_s * 1e3, conn.last_frame_bytes)  # on this thread
 
     def _probe_loop(self, conn: wire.Connection) -> None:
         while True:
@@ -269,8 +279,12 @@ class Worker:
                 pass
 
     def _compute_loop(self) -> None:
+        """Frames from the control connection (TOKENS, RELEASE): computed here, so that PINGs are answered meanwhile."""
         while True:
-            f, t_in, recv_ms, nbytes = self.inbox.get()
+            self._run(*self.inbox.get())
+
+    def _run(self, f: wire.Frame, t_in: float, recv_ms: float, nbytes: int) -> None:
+        with self.step_lock:
             try:
                 self._step(f, t_in, recv_ms, nbytes)
             except Exception as e:
@@ -288,6 +302,8 @@ class Worker:
         if f.kind == Kind.RELEASE:
             self._release(req)
             return
+        if (f.kind == Kind.TOKENS) != (self.stage == 0) or f.kind not in (Kind.TOKENS, Kind.ACT):
+            raise ValueError(f"a {f.kind!r} frame is not stage {self.stage}'s input")
         key = (req, mb)
         t0 = time.perf_counter()
         if step == 0:
@@ -307,7 +323,10 @@ class Worker:
         if self.next is not None:
             if step == 0:
                 meta.update(mask=mask, sample=f.get("sample"))
-            self.outbox.put((out, meta))
+            if self.next.shaper is None:  # the socket buffer lets the next step compute while these bytes travel
+                self._send_next(out, meta)
+            else:  # an app-level shaper sleeps in send: a separate sender keeps this thread computing
+                self.outbox.put((out, meta))
             return
         s = self.sampling.get(key, {})
         if key not in self.generators:
@@ -315,23 +334,25 @@ class Worker:
         # the coordinator checked the settings (model.generate.check_sampling); a missing one is the default
         tok = sample_next(out, float(s.get("temperature", 0.0)), float(s.get("top_p", 1.0)), self.generators[key])
         t2 = time.perf_counter()
-        n = self.control.send(Kind.TOKEN, tok.to(torch.int64), **meta)
+        n = (self.back or self.control).send(Kind.TOKEN, tok.to(torch.int64), **meta)
         rec.update(compute_ms=(t2 - t0) * 1e3, send_ms=(time.perf_counter() - t2) * 1e3, bytes_out=n)
 
     def _send_loop(self) -> None:
-        # A separate sender lets the next micro-batch compute while this one's activations are on the link.
+        # With an app-level shaper, a separate sender lets the next micro-batch compute while this one is on the link.
         while True:
-            out, meta = self.outbox.get()
-            t0 = time.perf_counter()
-            try:
-                n = self.next.send(Kind.ACT, out, **meta)
-            except Exception as e:  # the next stage is gone (or the frame is bad): tell the coordinator, go on
-                self._report(f"stage {self.stage} cannot send to the next stage: {e}")
-                continue
-            with self.lock:
-                rec = self.records.get((meta["req"], meta["mb"], meta["step"]))
-                if rec is not None:
-                    rec.update(send_ms=(time.perf_counter() - t0) * 1e3, bytes_out=n)
+            self._send_next(*self.outbox.get())
+
+    def _send_next(self, out: torch.Tensor, meta: dict) -> None:
+        t0 = time.perf_counter()
+        try:
+            n = self.next.send(Kind.ACT, out, **meta)
+        except Exception as e:  # the next stage is gone (or the frame is bad): tell the coordinator, go on
+            self._report(f"stage {self.stage} cannot send to the next stage: {e}")
+            return
+        with self.lock:
+            rec = self.records.get((meta["req"], meta["mb"], meta["step"]))
+            if rec is not None:
+                rec.update(send_ms=(time.perf_counter() - t0) * 1e3, bytes_out=n)
 
     # ---- stats and probes -----------------------------------------------------------------------------------
     def _stats(self, clear: bool) -> dict:
@@ -340,7 +361,7 @@ class Worker:
             if clear:
                 self.records.clear()
         conns = {name: c.counters() for name, c in (("control", self.control), ("prev", self.prev),
-                                                    ("next", self.next)) if c is not None}
+                                                    ("next", self.next), ("back", self.back)) if c is not None}
         return {"records": recs, "counters": conns, "rss_bytes": _rss()}
 
     def _probe_send(self, req: dict) -> dict:

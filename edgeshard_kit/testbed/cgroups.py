@@ -18,6 +18,12 @@ CGROUP_DIR = "edgeshard-kit"         # the kit's subtree under every controller
 CONTROLLERS = ("cpu", "memory", "cpuset")
 CFS_PERIOD_US = 2_000                # cpu.cfs_quota_us = cpu_quota * this period (>= 1 ms); a short period spreads the
                                      # throttling finely, so a quota of 0.5 acts like a CPU at half speed
+# cpu.shares of the kit's cgroups (the kit's subtree, the testbed's, every device's): the CFS weight against the
+# host's other processes. With the default 1024 the kit's whole subtree weighs as much as ONE busy process of the
+# root cgroup, so on a busy host every emulated device got a sliver of a core (measured: 19% of a core for a device
+# of 2 cores' quota, load 9 on 2 cores) and its speed was the host's load, not its quota. A high weight lets a device
+# take its quota whenever it runs; the quota (cpu.cfs_quota_us) still caps it, so the host keeps the rest.
+CPU_SHARES = 65536
 
 
 def unavailable() -> str | None:
@@ -62,6 +68,8 @@ def setup(tb: Testbed, dev: Device) -> list[Path]:
             (d / "cpuset.cpus").write_text(",".join(map(str, dev.cpus)))
         d.mkdir(parents=True, exist_ok=True)
         if ctrl == "cpu":
+            for level in (d.parent.parent, d.parent, d):  # the kit's subtree, the testbed, the device
+                (level / "cpu.shares").write_text(str(CPU_SHARES))
             period, quota = cfs_limits(dev.cpu_quota)
             (d / "cpu.cfs_period_us").write_text(str(period))
             (d / "cpu.cfs_quota_us").write_text(str(quota))
@@ -76,6 +84,7 @@ def limits(tb: Testbed, dev: Device) -> dict:
     out: dict = {}
     cpu, mem = testbed_dir(tb, "cpu") / dev.name, testbed_dir(tb, "memory") / dev.name
     if cpu.is_dir():
+        out["cpu_shares"] = int((cpu / "cpu.shares").read_text())
         q = int((cpu / "cpu.cfs_quota_us").read_text())
         out["cpu_quota"] = None if q < 0 else q / int((cpu / "cpu.cfs_period_us").read_text())
         out["cgroup_procs"] = len((cpu / "cgroup.procs").read_text().split())
