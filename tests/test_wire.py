@@ -226,3 +226,28 @@ def test_stage_config_names_what_is_wrong(change, words):
 def test_listening_line_round_trip():
     assert parse_listening(listening_line("0.0.0.0", 5100)) == {"event": "listening", "host": "0.0.0.0", "port": 5100}
     assert parse_listening("[worker 1] loading") is None and parse_listening('{"event": "other"}') is None
+
+
+class _DribblingSocket:
+    """sendmsg takes at most 7 bytes per call, as a kernel with a full buffer may."""
+
+    def __init__(self):
+        self.out = bytearray()
+        self.calls = 0
+
+    def sendmsg(self, parts):
+        self.calls += 1
+        data = b"".join(bytes(p) for p in parts)[:7]
+        self.out += data
+        return len(data)
+
+
+def test_send_all_survives_partial_sends():
+    t = torch.arange(40, dtype=torch.float32).reshape(5, 8)[:, ::2]  # non-contiguous: copied once, then sent
+    head, payload = wire.encode_header(Kind.ACT, t, req=1, step=2)
+    sock = _DribblingSocket()
+    wire._send_all(sock, [memoryview(head), payload, memoryview(b"")])
+    assert bytes(sock.out) == wire.encode_frame(Kind.ACT, t, req=1, step=2)
+    assert sock.calls == -(-len(sock.out) // 7)
+    f = wire.decode_frame(bytes(sock.out))
+    assert torch.equal(f.tensor, t) and f["step"] == 2

@@ -3,6 +3,7 @@
 import socket
 
 import psutil
+import torch
 import pytest
 
 from edgeshard_kit.core.errors import KitError
@@ -116,3 +117,48 @@ def test_local_worker_pinned_to_its_cpus():
     finally:
         h.stop()
     assert not h.alive()
+
+
+def _loaded(c: wire.Connection) -> wire.Frame:
+    """The first frame after CONFIG that is not PROGRESS (LOADED or ERROR)."""
+    while True:
+        f = c.recv()
+        if f.kind != Kind.PROGRESS:
+            return f
+
+
+def test_a_stage_runs_its_data_connection_and_returns_tokens_on_it(tiny_checkpoint):
+    """The coordinator's data connection with `returns`: TOKENS in, the greedy TOKEN back on it (transformers' token);
+    a frame that is not this stage's input is answered with an ERROR on control, and the worker keeps serving."""
+    from transformers import AutoModelForCausalLM
+
+    token = new_token()
+    h = LocalLauncher().start(DEV, token)
+    try:
+        c = wire.connect(h.host, h.port, token, timeout=30)
+        c.send(Kind.ROLE, role="control")
+        c.send(Kind.CONFIG, stage=0, model_path=str(tiny_checkpoint), start=0, end=4, threads=1)
+        assert _loaded(c).kind == Kind.LOADED
+        d = wire.connect(h.host, h.port, token, timeout=30)
+        d.send(Kind.ROLE, role="data", returns=True)
+        ids = torch.tensor([[5, 17, 42, 9, 100]])
+        d.send(Kind.TOKENS, ids, req=0, mb=0, step=0, sample={"temperature": 0.0})
+        d.settimeout(60)
+        f = d.recv()
+        hf = AutoModelForCausalLM.from_pretrained(str(tiny_checkpoint), dtype=torch.float32).eval()
+        with torch.inference_mode():
+            want = int(hf(ids).logits[0, -1].argmax())
+        assert f.kind == Kind.TOKEN and f["step"] == 0 and int(f.tensor.reshape(-1)[0]) == want
+        d.send(Kind.ACT, torch.zeros(1, 1, 64), req=0, mb=0, step=1)  # stage 0 takes TOKENS, not ACT
+        c.settimeout(60)
+        while (f := c.recv()).kind != Kind.ERROR:
+            pass
+        assert "not stage 0's input" in f["message"]
+        d.send(Kind.TOKENS, torch.tensor([[want]]), req=0, mb=0, step=1)  # the cache of step 0 is still there
+        with torch.inference_mode():
+            want2 = int(hf(torch.cat([ids, torch.tensor([[want]])], 1)).logits[0, -1].argmax())
+        assert int(d.recv().tensor.reshape(-1)[0]) == want2
+        c.send(Kind.SHUTDOWN)
+        assert c.recv().kind == Kind.BYE
+    finally:
+        h.stop()

@@ -111,7 +111,7 @@ def load_gguf(path: str | Path, progress: bool = False):
 
 def convert_gguf(path: str | Path, out: str | Path, progress: bool = False) -> Path:
     """Write the GGUF's model as a plain float32 Hugging Face Llama checkpoint into `out` (a new folder)."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
     from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
     from transformers.initialization import no_init_weights
 

@@ -31,7 +31,8 @@ def _classes(problem: Problem, u: int, cap_ms: float) -> tuple[np.ndarray, np.nd
     N, M = problem.n_units, len(problem.devices)
     T = np.array([d.unit_ms for d in problem.devices], dtype=float).reshape(M, N)[:, u:]
     mem = np.array([x.mem_bytes for x in problem.units[u:]], dtype=float)
-    keys = [lambda i: (mem[i], tuple(T[:, i])), lambda i: (mem[i],), lambda i: ()]
+    last = N - 1 - u  # the last unit keeps a class of its own: its device pays the return
+    keys = [lambda i: (i == last, mem[i], tuple(T[:, i])), lambda i: (i == last, mem[i]), lambda i: (i == last,)]
     for key in keys:
         groups: dict = {}
         for i in range(N - u):
@@ -58,6 +59,7 @@ class _Packing:
         s_i, n_i = np.nonzero((self.vecs[:, None, :] >= self.vecs[None, :, :]).all(axis=2))  # sorted by s
         self.pn, self.pd = n_i, np.searchsorted(idx, idx[s_i] - idx[n_i])  # idx is increasing
         self.starts = np.searchsorted(s_i, np.arange(len(idx)))
+        self.has_last = self.vecs[:, -1] > 0 if len(counts) else np.zeros(len(idx), bool)  # the last unit's class
 
 
 class ClassBound:
@@ -79,6 +81,7 @@ class ClassBound:
         self.memcap, self.min_in, self.min_out, self.out_now = memcap, min_in, min_out, out_now
         self.stage_ms = np.array([d.stage_ms for d in problem.devices])
         self._packs: dict = {}
+        self.ret = min_out[:, -1]  # the return to the source from each device (0 from the source)
 
     def _pack(self, u: int) -> _Packing:
         if u not in self._packs:
@@ -88,26 +91,38 @@ class ClassBound:
     def bound(self, u: int, last: int, mem: tuple, loads: tuple, g: float, ub: float = math.inf) -> float:
         """The bound (ms); a device's count vectors that alone reach `ub` are skipped (the result is then >= ub or exact)."""
         pk = self._pack(u)
-        limit = ub - g if self.lat else ub
         free = self.memcap - np.asarray(mem)
+        if not self.lat:
+            return max(g, self.out_now[last, u], self._pack_dp(pk, u, free, np.asarray(loads), ub))
+        # the transfers left: one into every later visit, or one out of `last` and out of every later visit
+        # but the last, whose way out is the return (min_out counts it)
+        by_in = self._pack_dp(pk, u, free, self.stage_ms + self.min_in[:, u], ub - g, True)
+        if by_in + g >= ub:
+            return by_in + g
+        out_now = self.out_now[last, u]
+        return g + max(by_in, out_now + self._pack_dp(pk, u, free, self.stage_ms + self.min_out[:, u], ub - g - out_now))
+
+    def _pack_dp(self, pk: _Packing, u: int, free: np.ndarray, extra: np.ndarray, limit: float,
+                 pay_return: bool = False) -> float:
+        """Least total (latency: sum of vector time + extra[d] per device visited) or least bottleneck (throughput:
+        max of extra[d] (the load) + vector time, and the cheapest transfers in and out) over all packings.
+
+        `pay_return` (latency): the device that gets the last unit also pays its return to the source."""
         W = np.full(len(pk.vecs), np.inf)
         W[0] = 0.0
         for d in range(len(self.memcap)):
-            if self.lat:
-                cost = pk.vtime[:, d] + (self.stage_ms[d] + (self.min_in[d, u] + self.min_out[d, u]) / 2.0)
-            else:
-                cost = np.maximum(pk.vtime[:, d] + (self.stage_ms[d] + loads[d]),
-                                  max(self.min_in[d, u], self.min_out[d, u]))
+            cost = pk.vtime[:, d] + (self.stage_ms[d] + extra[d] if not self.lat else extra[d])
+            if pay_return:
+                cost = cost + np.where(pk.has_last, self.ret[d], 0.0)
+            if not self.lat:
+                cost = np.maximum(cost, max(self.min_in[d, u], self.min_out[d, u]))
             cost[(pk.vbytes > free[d]) | ~(cost < limit)] = np.inf
             cost[0] = 0.0  # no visit
             if not np.isfinite(cost[1:]).any():
                 continue
             vals = W[pk.pd] + cost[pk.pn] if self.lat else np.maximum(W[pk.pd], cost[pk.pn])
             W = np.minimum.reduceat(vals, pk.starts)
-        rest = float(W[-1])
-        if self.lat:
-            return g + rest + self.out_now[last, u] / 2.0
-        return max(g, rest, self.out_now[last, u])
+        return float(W[-1])
 
 
 def transfer_minima(problem: Problem, tr_of, src: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
