@@ -29,3 +29,32 @@ def test_runtime_costs_round_trip_keeps_spread_and_remeasured():
     d = costs.to_dict()
     assert d["spread"] == {"a": [0.8, 1.3]} and d["remeasured"]["a"]["first_ms"] == 9.0
     assert RuntimeCosts.from_dict(d).stage_ms == {"a": 1.0}
+
+
+def _brute_force(one: float, two: float) -> tuple[float, float]:
+    """(step, s_src) >= 0 minimising (s_src + step - one)^2 + (2 s_src + step - two)^2 on a 0.05 ms grid."""
+    best = None
+    for i in range(0, 401):
+        for j in range(0, 401):
+            step, s = i * 0.05, j * 0.05
+            r = (s + step - one) ** 2 + (2 * s + step - two) ** 2
+            if best is None or r < best[0]:
+                best = (r, step, s)
+    return best[1], best[2]
+
+
+@pytest.mark.parametrize("one,two,other", [(3.8, -21.9, 21.0), (-5.0, 4.0, -1.0), (6.0, 9.5, 12.0), (10.0, 2.0, 9.0)])
+def test_constrained_estimates_are_the_non_negative_least_squares_solution(one, two, other):
+    # Noisy excesses (ms) as a 300 ms/token model gives them: the raw solution can be negative; the constrained one
+    # is the non-negative least-squares fit of the one- and two-stage equations (brute force as the reference), and
+    # the device type's term is what its own equation leaves, never below 0. A negative s_src must not leak into
+    # step (the bug: step = one - s_src = 3.8 + 25.7 ms).
+    label = "source, 1 layer on slow (e1), source"
+    excess = {"one stage on the source": one, "two stages on the source": two, label: other}
+    stage_ms, step = _estimates(excess, {label: "slow"}, "fast")
+    ref_step, ref_src = _brute_force(one, two)
+    assert step == pytest.approx(ref_step, abs=0.05) and stage_ms["fast"] == pytest.approx(ref_src, abs=0.05)
+    assert stage_ms["slow"] == pytest.approx(max(0.0, other - 2 * ref_src - ref_step), abs=0.15)
+    assert min(stage_ms.values()) >= 0 and step >= 0
+    raw, raw_step = _estimates(excess, {label: "slow"}, "fast", constrained=False)
+    assert raw["fast"] == pytest.approx(two - one) and raw_step == pytest.approx(2 * one - two)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
 
 import numpy as np
@@ -10,10 +11,11 @@ import pytest
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
-from edgeshard_kit.planning import dp
+from edgeshard_kit.planning import dp, relay
 from edgeshard_kit.planning.baselines import latency_bottleneck_frontier
 from edgeshard_kit.planning.plan import figures
 from edgeshard_kit.planning.problem import problem_from_dict
+from edgeshard_kit.planning.relay_bounds import ClassBound, transfer_minima
 
 
 def random_problem(rng: random.Random, n_units: int, n_dev: int, tight: bool) -> dict:
@@ -181,3 +183,49 @@ def test_relay_give_up_reports_the_proven_bound():
     except KitError as e:
         low = float(str(e).split("at least ")[1].split(" ms")[0])
         assert low <= exact * (1 + 1e-5)
+
+
+@pytest.mark.parametrize("objective", ["latency", "throughput"])
+def test_class_bound_is_below_every_completion(objective):
+    """The integral packing bound (relay_bounds.ClassBound) never exceeds the value of any feasible plan
+    through the partial plan it bounds: checked on every prefix of every feasible plan of random problems."""
+    rng = random.Random(hash(("class-bound", objective)) % 1000)
+    key = "latency_ms" if objective == "latency" else "bottleneck_ms"
+    checked = 0
+    for i in range(60):
+        d = typed_problem(rng, rng.randint(2, 5), rng.randint(1, 2), 2, tight=i % 2 == 0) if i % 2 else \
+            random_problem(rng, rng.randint(2, 5), rng.randint(1, 3), tight=i % 3 == 0)
+        if i % 4 == 1:  # equal units: the classes merge
+            for u in d["units"]:
+                u["mem_bytes"] = 1
+        problem = problem_from_dict(d)
+        if len(problem.devices) > 4:
+            continue
+        names = problem.names
+        memcap = np.array([dev.memory_bytes * (1 + 1e-12) + 1e-6 for dev in problem.devices])
+        lat_m, mbps = relay._link_arrays(problem)
+        cb = ClassBound(problem, objective, math.inf, memcap,
+                        *transfer_minima(problem, lambda nb: relay._transfer_matrix(lat_m, mbps, nb), problem.source))
+        for stages in all_plans(problem, relay=True):
+            f = figures(problem, stages)
+            if not f["feasible"]:
+                continue
+            value = f[key] - (problem.step_ms if objective == "latency" else 0.0)
+            mem, loads, links = [0.0] * len(names), [0.0] * len(names), {}
+            g = 0.0
+            for k, st in enumerate(stages[:-1]):
+                di = names.index(st.device)
+                mem[di] += sum(u.mem_bytes for u in problem.units[st.start:st.end])
+                c = sum(problem.devices[di].unit_ms[st.start:st.end]) + problem.devices[di].stage_ms
+                loads[di] += c
+                if k:
+                    prev = names.index(stages[k - 1].device)
+                    tr = problem.transfer_ms(names[prev], st.device, problem.units[st.start - 1].out_bytes)
+                    links[(prev, di)] = links.get((prev, di), 0.0) + tr
+                else:
+                    tr = 0.0
+                g = g + c + tr if objective == "latency" else max([g, c, loads[di]] + list(links.values()))
+                b = cb.bound(st.end, di, tuple(mem), tuple(loads), g)
+                assert b <= value * (1 + 1e-9) + 1e-9, (i, stages, k, b, value)
+                checked += 1
+    assert checked > 200

@@ -59,9 +59,12 @@ def cases() -> list[tuple[str, str, Problem]]:
 def relay_cases() -> list[tuple[str, str, Problem]]:
     """(objective, description, problem) of the relay rows: the paper's testbed (34 / 42 / 82 units x 15 devices)."""
     return [(obj, f"relay: paper {model} at {mbps} Mbps", paper_problem(model, mbps))
-            for model, obj, mbps in [("llama2-70b", "latency", 10), ("llama2-70b", "latency", 20),
-                                     ("llama2-70b", "latency", 50), ("llama2-13b", "latency", 50),
-                                     ("llama2-7b", "throughput", 10)]]
+            for model, obj, mbps in [("llama2-70b", "latency", 1), ("llama2-70b", "latency", 10),
+                                     ("llama2-70b", "latency", 20), ("llama2-70b", "latency", 50),
+                                     ("llama2-13b", "latency", 50), ("llama2-7b", "throughput", 10),
+                                     ("llama2-7b", "throughput", 50), ("llama2-13b", "throughput", 10),
+                                     ("llama2-13b", "throughput", 50), ("llama2-70b", "throughput", 1),
+                                     ("llama2-70b", "throughput", 50)]]
 
 
 def _row(objective: str, what: str, problem: Problem, times: list[float], plan, status: str) -> dict:

@@ -323,11 +323,13 @@ def _run_benchmark(run: Run, config: BenchmarkConfig, checkpoint: Path, testbed_
     if config.calibrate:
         top = max(config.cloud_mbps)  # the fastest cloud link: the least of the measured excess is link time
         log(f"calibrating the runtime's fixed costs per stage and per token (cloud link {top:g} Mbps) ...")
-        # Enough decode steps to see the fixed costs, without the paper's 96 tokens x 5 repeats x 4 deployments.
+        # As many decode steps as a measured generation (at least 8, at most 32): windows of a model whose tokens take
+        # 300 ms on the emulated testbed cost minutes, not the paper's 96 tokens x 5 repeats x 4 deployments.
         tb_top = testbed_at(top)
         links[top] = link_models(config, tb_top, profiles, log)
-        runtime = calibrate_runtime(checkpoint, tb_top, profiles, tokens=min(32, max(8, 2 * config.max_new_tokens)),
-                                    repeats=config.calibrate_repeats, log=log, links=links[top][0])
+        runtime = calibrate_runtime(checkpoint, tb_top, profiles, tokens=min(32, max(8, config.max_new_tokens)),
+                                    repeats=config.calibrate_repeats, log=log, links=links[top][0],
+                                    prompt=prompt_ids(checkpoint, 1, config.prompt_len))
         run.write_csv("runtime_overheads", runtime.records)
         run.record(runtime_overheads=runtime.to_dict())
         log(f"  stage_ms {', '.join(f'{t} {v:.3f}' for t, v in runtime.stage_ms.items())}; "

@@ -2,7 +2,8 @@
 
 The state carries every device's used memory (and, for throughput, every device's and directed
 link's load), so memory is exact, unlike the paper's greedy tracking. Lower bounds: the relay DP
-that checks memory per stage only, and a fractional memory-capacity bound; upper bound: the
+that checks memory per stage only, a fractional memory-capacity bound, and the integral packing
+bound of relay_bounds.py (memory over all visits, transfers per visit); upper bound: the
 default-variant optimum, which the caller (dp.py) passes in. Worst case exponential; it gives up
 with a KitError after `max_states`.
 """

@@ -246,15 +246,19 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
                 for u in units:
                     units[u]["prefill"].append(got[True][1][u])
                 over["prefill"].append(got[False][0] - sum(got[True][1].values()))
+        bases = {}
         for kv in kv_lens:
             # One untimed prefill of `kv` random tokens per KV length; every pair decodes from a copy of that cache
             # (a copy costs far less than a prefill), so every timed step sees kv or kv+1 cached tokens.
             timer.active = False
             base = stage.new_cache()
-            first = sample_next(stage.forward(ids(kv), base))
-            for i in range(warmup + repeats):
+            bases[kv] = (base, sample_next(stage.forward(ids(kv), base)))
+        for i in range(warmup + repeats):
+            # The KV lengths take turns in every repeat: a drift of the host's load between KV lengths measured one
+            # after the other became a per-KV-token slope (2 ms per cached token for a 135M model, summed over units).
+            for kv in kv_lens:
                 timer.active = False
-                cache, tok = copy.deepcopy(base), first
+                cache, tok = copy.deepcopy(bases[kv][0]), bases[kv][1]
                 got = {}
                 for hooked in ((True, False) if i % 2 == 0 else (False, True)):
                     timer.active = hooked
@@ -317,8 +321,9 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
             "method": {"repeats": repeats, "warmup": warmup, "statistic": "median (min and max kept)",
                        "timer": "time.perf_counter after device synchronisation",
                        "units": "forward hooks inside real steps of the whole model as one stage",
-                       "decode": "at each kv_len one untimed prefill of kv_len random tokens; each repeat a copy of that "
-                                 "cache, then a pair of greedy decode steps (kv_len and kv_len + 1 cached tokens)",
+                       "decode": "at each kv_len one untimed prefill of kv_len random tokens; each repeat, every kv_len in "
+                                 "turn: a copy of that cache, then a pair of greedy decode steps (kv_len and kv_len + "
+                                 "1 cached tokens)",
                        "pairs": "each repeat = a hooked step and a plain step in alternating order",
                        "overhead": "plain step minus the sum of units of its paired hooked step (median)",
                        "mem_bw": f"best of 5 copies of a {BANDWIDTH_BYTES >> 20} MiB float32 tensor, "

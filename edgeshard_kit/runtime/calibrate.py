@@ -31,6 +31,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, format_stages
 from edgeshard_kit.planning.build import LinkModel, Workload, build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
+from edgeshard_kit.profiling.fit import nonneg_fit
 from edgeshard_kit.profiling.profile import Profile
 from edgeshard_kit.runtime.deployment import deploy
 from edgeshard_kit.runtime.launch import LaunchOptions
@@ -78,7 +79,7 @@ class RuntimeCosts:
 
 
 def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Plan], tokens: int,
-                   windows: int, launch_opts: LaunchOptions | dict | None) -> dict[str, list[float]]:
+                   windows: int, launch_opts: LaunchOptions | dict | None, prompt=None) -> dict[str, list[float]]:
     """Per label: the per-token latency (ms) of each window. All plans are deployed at once; a window measures each
     in turn, the order rotating from one window to the next, so that a slow spell of the host falls on every plan
     alike (idle workers block on their sockets and cost nothing)."""
@@ -88,24 +89,42 @@ def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Pl
         # on purpose, and deploy() refuses an over-budget plan when it is given the problem.
         deps = {label: stack.enter_context(deploy(plan, testbed, checkpoint, launch_opts=launch_opts))
                 for label, plan in plans.items()}
+        def generate(dep, n: int):
+            if prompt is None:
+                return dep.generate([CALIBRATION_PROMPT], n)
+            return dep.generate(prompt[0], n, attention_mask=prompt[1])
+
         for dep in deps.values():
-            dep.generate([CALIBRATION_PROMPT], 2)  # warm-up: first-call allocations, page faults
+            generate(dep, 2)  # warm-up: first-call allocations, page faults
         order = list(deps)
         for w in range(windows):
             shift = w % len(order)
             for label in order[shift:] + order[:shift]:
-                runs[label].append(deps[label].generate([CALIBRATION_PROMPT], tokens).summary["per_token_ms"])
+                runs[label].append(generate(deps[label], tokens).summary["per_token_ms"])
     return runs
 
 
-def _estimates(excess: dict[str, float], others: dict[str, str], src_type: str) -> tuple[dict[str, float], float]:
-    """(stage_ms by device type, step_ms) of one window's excess ms per deployment (see the module's equations)."""
+def _estimates(excess: dict[str, float], others: dict[str, str], src_type: str,
+               constrained: bool = True) -> tuple[dict[str, float], float]:
+    """(stage_ms by device type, step_ms) of the excess ms per deployment (see the module's equations).
+
+    `constrained`: every term >= 0, solved together: (step, s_src) is the non-negative fit (profiling.fit.
+    nonneg_fit) of the line excess = step + s_src x n through the one- and two-stage deployments (n = 1, 2), then
+    s_t = max(0, excess_t - 2 s_src - step). Clamping each raw term alone is not a solution: a noise-negative
+    s_src clamped to 0 left step = excess_one - s_src, all of the noise (measured: 32 ms "per token" from a
+    -28.5 ms s_src on SmolLM2, whose tokens take 300 ms +- 10% on the emulated testbed). Unconstrained: the
+    exact solution, which noise can make negative (kept as the raw figures).
+    """
     one, two = excess["one stage on the source"], excess["two stages on the source"]
-    s_src = two - one
-    step = one - s_src
+    if constrained:
+        step, s_src = nonneg_fit([1.0, 2.0], [one, two])
+    else:
+        s_src = two - one
+        step = one - s_src
     out = {src_type: s_src}
     for label, dtype in others.items():
-        out[dtype] = excess[label] - 2 * s_src - step
+        t = excess[label] - 2 * s_src - step
+        out[dtype] = max(0.0, t) if constrained else t
     return out, step
 
 
@@ -124,7 +143,8 @@ def outliers(stage_ms: dict[str, float], factor: float = OUTLIER_FACTOR, floor_m
 
 def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[str, Profile], prompt_len: int = 8,
                       tokens: int = 16, repeats: int = 6, launch_opts: LaunchOptions | dict | None = None,
-                      log: Callable[[str], Any] | None = None, links: LinkModel | None = None) -> RuntimeCosts:
+                      log: Callable[[str], Any] | None = None, links: LinkModel | None = None,
+                      prompt=None) -> RuntimeCosts:
     """The runtime's fixed costs per stage (by device type) and per token, measured on `testbed`.
 
     `repeats` interleaved windows (each: every calibration deployment once, `tokens` tokens); every window gives an
@@ -133,7 +153,12 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
     deployment has at most three stages and ignores memory budgets (it is a measurement, not a plan to keep).
     Negative estimates (noise on a fast machine) are clamped to 0; the raw values stay in the records. `links`:
     the link model the planner will use (planning.build.LinkModel), so that link time is not taken for fixed cost.
+    `prompt`: (ids (1, T), attention mask) to generate from instead of CALIBRATION_PROMPT (prompt_len is then T): the
+    KV lengths of the runs to be predicted, so that the profile's decode time is read where it was measured (a
+    profile's per-KV-token slope extrapolated to a short calibration prompt became 50 ms of "fixed cost").
     """
+    if prompt is not None:
+        prompt_len = int(prompt[0].shape[1])
     if tokens < 4 or repeats < 1:
         raise KitError(f"calibrate_runtime: tokens must be >= 4 and repeats >= 1 (got {tokens}, {repeats})")
     problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=tokens), returns="tokens",
@@ -150,11 +175,14 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
             layouts[label] = [Stage(src.name, 0, 1), Stage(dev.name, 1, 2), Stage(src.name, 2, n)]
             others[label] = dev.type
     plans = {k: make_plan(problem, st, "latency", relay=True, method="calibration") for k, st in layouts.items()}
-    runs = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts)
+    runs = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts, prompt)
     windows = [_estimates({k: runs[k][w] - plans[k].latency_ms for k in plans}, others, src.type)
-               for w in range(repeats)]
-    stage_ms = {t: statistics.median(w[0][t] for w in windows) for t in windows[0][0]}
-    step = statistics.median(w[1] for w in windows)
+               for w in range(repeats)]  # per window: the spread
+    # The figures: one constrained solve of the median excess per deployment (medians first: a slow window of one
+    # deployment moves its median least), the unconstrained one kept as the raw figures.
+    med = {k: statistics.median(runs[k]) - plans[k].latency_ms for k in plans}
+    stage_ms, step = _estimates(med, others, src.type)
+    raw_stage_ms, raw_step = _estimates(med, others, src.type, constrained=False)
     spread = {t: (min(w[0][t] for w in windows), max(w[0][t] for w in windows)) for t in stage_ms}
     remeasured = {}
     for dtype in outliers(stage_ms):
@@ -162,15 +190,17 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
         if label is None:  # the source type: it enters every equation, re-measuring it is re-running everything
             continue
         again = _measure_plans(checkpoint, testbed, {k: plans[k] for k in (*list(plans)[:2], label)}, tokens,
-                               repeats, launch_opts)
+                               repeats, launch_opts, prompt)
         est = [_estimates({k: again[k][w] - plans[k].latency_ms for k in again}, {label: dtype}, src.type)[0][dtype]
                for w in range(repeats)]
-        remeasured[dtype] = {"first_ms": stage_ms[dtype], "again_ms": statistics.median(est)}
+        value = _estimates({k: statistics.median(again[k]) - plans[k].latency_ms for k in again}, {label: dtype},
+                           src.type)[0][dtype]
+        remeasured[dtype] = {"first_ms": stage_ms[dtype], "again_ms": value}
         if log:
             log(f"  calibration: {dtype} {stage_ms[dtype]:.3f} ms per stage is far from its peers' "
                 f"({', '.join(f'{t} {v:.3f}' for t, v in stage_ms.items() if t != dtype)}): re-measured "
-                f"{statistics.median(est):.3f} ms [{min(est):.3f}..{max(est):.3f}]")
-        stage_ms[dtype], spread[dtype] = statistics.median(est), (min(est), max(est))
+                f"{value:.3f} ms [{min(est):.3f}..{max(est):.3f}]")
+        stage_ms[dtype], spread[dtype] = value, (min(est), max(est))
         runs[label] = runs[label] + again[label]
     records = []
     for label, plan in plans.items():
@@ -194,9 +224,10 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
             f"{t} {v:.3f} [{spread[t][0]:.3f}..{spread[t][1]:.3f}]{' re-measured' if t in remeasured else ''}"
             for t, v in stage_ms.items()) + f"; per token {step:.3f} ms")
     return RuntimeCosts(stage_ms={t: max(0.0, v) for t, v in stage_ms.items()}, step_ms=max(0.0, step),
-                        raw_stage_ms=stage_ms, raw_step_ms=step, records=records,
+                        raw_stage_ms=raw_stage_ms, raw_step_ms=raw_step, records=records,
                         method=f"every deployment up at once, {repeats} interleaved windows of {tokens} tokens each; "
-                               f"per window the per-token latency minus the model of the same plan without fixed "
-                               f"costs; median over windows (min and max in the records); outlier device types "
+                               f"per deployment the median per-token latency minus the model of the same plan "
+                               f"without fixed costs, solved for non-negative terms together (spread: the same "
+                               f"solve per window, min and max in the records); outlier device types "
                                f"re-measured: {sorted(remeasured) or 'none'}",
                         spread={t: list(v) for t, v in spread.items()}, remeasured=remeasured)

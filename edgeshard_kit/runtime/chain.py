@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage

@@ -4,9 +4,11 @@ Both ends import this module (the worker may import only core, model, wire and t
 spelt once. A conversation, by connection:
 
 - control (coordinator -> worker): ROLE(control), then CONFIG(StageConfig) -> PROGRESS* then LOADED | ERROR;
-  PING -> PONG; TOKENS (stage 0's input) and RELEASE (forget a request's caches); STATS -> STATS;
-  PROBE_SEND -> PROBE_RESULT; SHUTDOWN -> BYE. The last stage sends TOKEN back on it; any stage ERROR.
-- data (stage i -> stage i+1): ROLE(data), then ACT frames (activations).
+  PING -> PONG; RELEASE (forget a request's caches); STATS -> STATS; PROBE_SEND -> PROBE_RESULT;
+  SHUTDOWN -> BYE; any stage ERROR.
+- data (stage i -> stage i+1): ROLE(data), then ACT frames (activations). The coordinator's own data
+  connection to stage 0 (runtime.feed) carries TOKENS (stage 0's input) in, and, opened with `returns`, the
+  last stage's TOKEN frames back, so a token's path has no thread hand-off.
 - probe (worker -> worker, for the link probe): ROLE(probe), then PROBE -> PROBE_ACK.
 Every connection starts with the wire's HELLO/PROOF handshake (wire.authenticate).
 """
