@@ -11,6 +11,7 @@ from edgeshard_kit.experiments.benchmark import BenchmarkConfig, run_benchmark
 from edgeshard_kit.experiments.results import new_run
 from edgeshard_kit.experiments.steps import checkpoint_for
 from edgeshard_kit.experiments.testbeds import default_testbed, model_bytes
+from edgeshard_kit.planning.objectives import micro_batches_label
 
 TESTBEDS = ("auto", "emulated", "local")
 TARGET_MEDIAN, TARGET_MAX = 0.10, 0.25  # |measured / predicted - 1|: median over methods x bandwidths, worst plan
@@ -40,7 +41,7 @@ def testbed_prediction(testbed: str = "auto", model: str = "", cloud_mbps: str =
     if tb.emulation == "netns":
         config = replace(config, testbed_file=tb)  # brought up for the run (and down after) if it is not up
     log(f"testbed: {tb.name} ({'netns + tc + cgroups, ' + why if tb.emulation == 'netns' else why}); "
-        f"model {checkpoint} ({model_bytes(checkpoint) / 1e6:.0f} MB); K = {micro_batches} micro-batches")
+        f"model {checkpoint} ({model_bytes(checkpoint) / 1e6:.0f} MB); K = {micro_batches_label(micro_batches)}")
     outcome = run_benchmark(run, config, log=log)
     table = outcome.tables["prediction"].copy()
     table.insert(0, "testbed", tb.name)

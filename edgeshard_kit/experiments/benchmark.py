@@ -22,6 +22,7 @@ from edgeshard_kit.runtime import probe, wire
 from edgeshard_kit.runtime.calibrate import RuntimeCosts, calibrate_runtime
 from edgeshard_kit.testbed import netns, nsnet
 from edgeshard_kit.testbed.inventory import Testbed, load_testbed
+from edgeshard_kit.planning.objectives import micro_batches_label
 
 ALL_METHODS = ("EdgeShard-latency", "EdgeShard-throughput", "Edge-Solo", "Cloud-Edge-Even", "Cloud-Edge-Opt",
                "Memory-Proportional")
@@ -335,7 +336,7 @@ def _run_benchmark(run: Run, config: BenchmarkConfig, checkpoint: Path, testbed_
         log(f"  stage_ms {', '.join(f'{t} {v:.3f}' for t, v in runtime.stage_ms.items())}; "
             f"step_ms {runtime.step_ms:.3f}")
     log(f"sweeping {len(config.methods)} methods over cloud bandwidths {list(config.cloud_mbps)} Mbps, "
-        f"{config.repeats} repeats interleaved, every method at K = {config.micro_batches} micro-batches ...")
+        f"{config.repeats} repeats interleaved, every method at K = {micro_batches_label(config.micro_batches)} ...")
     tables = sweep(config, checkpoint, testbed_at, profiles, runtime, log, links)
     df = pd.DataFrame(tables["measurements"])
     run.write_csv("measurements", df)

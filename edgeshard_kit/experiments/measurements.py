@@ -15,7 +15,7 @@ import time
 from contextlib import ExitStack
 from typing import Callable
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from edgeshard_kit.core.units import format_stages
 from edgeshard_kit.model.checkpoint import load_tokenizer

@@ -96,7 +96,7 @@ def profile_testbed(checkpoint: str | Path, testbed, repeats: int = 5, prompt_le
                     kv_lens: Any = "16,32", warmup: int = 1, run=None) -> dict:
     """One measured Profile per device type, on a device of that type (locally, or over SSH); devices of a type
     already measured share its profile (one measurement per type). A tqdm bar counts the device types."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     kvs = parse_kv_lens(kv_lens)
     out = {}

@@ -199,7 +199,7 @@ def measure_profile(checkpoint: str | Path, device: str = "cpu", dtype: str = "f
     it has no unit boundaries to time), so the profile predicts the compiled step. Prefill is eager on both paths.
     """
     import torch
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     batch, prompt_len = _positive_int("batch", batch), _positive_int("prompt_len", prompt_len)
     repeats, warmup = _positive_int("repeats", repeats), _positive_int("warmup", warmup, allow_zero=True)
@@ -357,7 +357,7 @@ def _compiled_steps(stage, comp, ids, kv_lens: tuple[int, ...], repeats: int, wa
     """{kv_len: median ms of a compiled decode step (+ sampling)}: per repeat a fresh cache of kv_len random
     tokens (eager prefill), an untimed decode step (the first one compiles and fills the static cache), then one
     timed greedy step."""
-    from tqdm import tqdm
+    from tqdm.auto import tqdm
 
     capacity = max(kv_lens) + 3  # one static shape for every kv_len: one compile
     bar = tqdm(total=len(kv_lens) * (warmup + repeats), desc="profile compiled decode", unit="step",

@@ -34,11 +34,9 @@ import torch
 
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, format_stages
-from edgeshard_kit.model.generate import check_sampling
 from edgeshard_kit.planning.objectives import OBJECTIVES
 from edgeshard_kit.planning.plan import Plan, make_plan
 from edgeshard_kit.planning.replan import decide, with_device_scale, with_link_mbps, without_device
-from edgeshard_kit.planning.schedule import SCHEDULES
 from edgeshard_kit.runtime.chain import PipelineError
 from edgeshard_kit.runtime.deployment import Deployment, RunResult, _summarise, deploy
 from edgeshard_kit.runtime.drift import DriftDetector, DriftSettings, Evidence, measured_mbps, measured_signals, \
@@ -296,20 +294,9 @@ def generate_adaptive(dep: Deployment, policy: AdaptivePolicy, prompts: Any, max
     """`Deployment.generate` that re-plans and switches plans while it generates; the RunResult's `events`
     hold one record per event (t_ms, token, cause, evidence, old_plan, new_plan, moved, predicted_gain,
     pause_ms, tokens_recomputed, tokens_discarded, load_s). Arguments and errors as `Deployment.generate`."""
-    if dep.closed:
-        raise KitError("this deployment is closed (deploy again)")
-    if mode not in ("sequential", "pipelined"):
-        raise KitError(f"mode {mode!r}: choose sequential or pipelined")
-    if schedule not in SCHEDULES:
-        raise KitError(f"schedule {schedule!r}: choose bubbles or no-bubbles")
-    if max_new_tokens < 1:
-        raise KitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    check_sampling(temperature, top_p)
-    ids, mask, texts_in = dep._encode(prompts, attention_mask, chat)
+    ids, mask, texts_in, k = dep.check_request(prompts, max_new_tokens, mode, micro_batches, schedule, temperature,
+                                               top_p, attention_mask, chat)
     n_rows = ids.shape[0]
-    k = 1 if mode == "sequential" else int(micro_batches)
-    if not 1 <= k <= n_rows:
-        raise KitError(f"micro_batches={micro_batches} must be between 1 and the number of prompts ({n_rows})")
     eos_ids, pad_id = dep._stop_tokens(chat if stop_at_eos is None else bool(stop_at_eos))
     sample = {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)}
     s = _Session(dep, policy, k)

@@ -143,19 +143,8 @@ class Deployment:
         if self.adaptive is not None:  # deployed with adaptive=AdaptivePolicy(...): runtime.adaptive drives the run
             return self.adaptive.generate(self, prompts, max_new_tokens, mode, micro_batches, schedule, temperature,
                                           top_p, seed, attention_mask, chat, stop_at_eos)
-        if self.closed:
-            raise KitError("this deployment is closed (deploy again)")
-        if mode not in MODES:
-            raise KitError(f"mode {mode!r}: choose sequential or pipelined")
-        if schedule not in SCHEDULES:
-            raise KitError(f"schedule {schedule!r}: choose bubbles or no-bubbles")
-        if max_new_tokens < 1:
-            raise KitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        check_sampling(temperature, top_p)
-        ids, mask, texts_in = self._encode(prompts, attention_mask, chat)
-        k = 1 if mode == "sequential" else int(micro_batches)
-        if not 1 <= k <= ids.shape[0]:
-            raise KitError(f"micro_batches={micro_batches} must be between 1 and the number of prompts ({ids.shape[0]})")
+        ids, mask, texts_in, k = self.check_request(prompts, max_new_tokens, mode, micro_batches, schedule,
+                                                    temperature, top_p, attention_mask, chat)
         eos_ids, pad_id = self._stop_tokens(chat if stop_at_eos is None else bool(stop_at_eos))
         try:
             out = self.chain.run_schedule(ids, mask, max_new_tokens, k, schedule,
@@ -173,6 +162,25 @@ class Deployment:
         return RunResult(tokens=tokens, text=text, per_token=out["per_token"], per_stage=out["per_stage"],
                          summary=summary, prediction=self.prediction(k, max_new_tokens),
                          stages=[asdict(s) for s in self.info])
+
+    def check_request(self, prompts: Any, max_new_tokens: int, mode: str, micro_batches: int, schedule: str,
+                      temperature: float, top_p: float, attention_mask: torch.Tensor | None, chat: bool):
+        """(ids (B,T), mask (B,T), texts or None, K): a generate request checked and encoded; KitError naming the
+        argument before anything is sent, so the deployment stays usable."""
+        if self.closed:
+            raise KitError("this deployment is closed (deploy again)")
+        if mode not in MODES:
+            raise KitError(f"mode {mode!r}: choose sequential or pipelined")
+        if schedule not in SCHEDULES:
+            raise KitError(f"schedule {schedule!r}: choose bubbles or no-bubbles")
+        if max_new_tokens < 1:
+            raise KitError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        check_sampling(temperature, top_p)
+        ids, mask, texts_in = self._encode(prompts, attention_mask, chat)
+        k = 1 if mode == "sequential" else int(micro_batches)
+        if not 1 <= k <= ids.shape[0]:
+            raise KitError(f"micro_batches={micro_batches} must be between 1 and the number of prompts ({ids.shape[0]})")
+        return ids, mask, texts_in, k
 
     def _stop_tokens(self, stop: bool) -> tuple[tuple[int, ...], int | None]:
         """(EOS ids, pad id) when generation stops at EOS, else ((), None)."""
