@@ -261,13 +261,24 @@ def test_event_records_and_timeline(tmp_path):
 # ---- the emulated-testbed demonstration's pieces (bench adaptive, notebook 06) -------------------------------------
 def test_the_demo_testbed_is_a_private_copy_of_the_emulated_one(ckpt):
     from edgeshard_kit.experiments.adaptive_demo import adaptive_testbed
-    from edgeshard_kit.experiments.testbeds import EMULATED
+    from edgeshard_kit.experiments.testbeds import EMULATED, fit_cpu
     from edgeshard_kit.testbed.inventory import load_testbed
 
     base, tb = load_testbed(EMULATED), adaptive_testbed(ckpt)
     assert tb.name == "adaptive" and tb.subnet == "10.78.0.0/24" and tb.names == base.names
     assert all(d.address.startswith("10.78.0.") for d in tb.devices)
-    assert [d.cpu_quota for d in tb.devices] == [d.cpu_quota for d in base.devices]
+    # quotas fitted to this host's cores as testbed-prediction's are (fit_cpu), in the file's proportions
+    assert [d.cpu_quota for d in tb.devices] == [d.cpu_quota for d in fit_cpu(base).devices]
+    assert sum(d.cpu_quota for d in tb.devices) <= max(os.cpu_count() or 1, sum(d.cpu_quota for d in base.devices))
+
+
+def test_throttle_values_parse_bandwidths_and_auto_and_refuse_the_rest():
+    from edgeshard_kit.bench.adaptive import throttle_values
+
+    assert throttle_values("2,auto") == [2.0, "auto"] and throttle_values(0.5) == [0.5]
+    for bad in ("0", "-1", "fast", "", "nan"):
+        with pytest.raises(KitError, match="throttle-mbps"):
+            throttle_values(bad)
 
 
 def test_choose_throttle_keeps_a_plan_whose_decode_frames_fit_the_token_bucket(ckpt):

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from edgeshard_kit.runtime.calibrate import RuntimeCosts, _estimates, outliers
+from edgeshard_kit.core.units import Stage
+from edgeshard_kit.experiments.testbeds import bench_testbed
+from edgeshard_kit.planning.build import build_problem
+from edgeshard_kit.planning.plan import make_plan
+from edgeshard_kit.planning.problem import DeviceSpec, LinkSpec, Problem, Unit
+from edgeshard_kit.profiling.measure import measure_profile
+from edgeshard_kit.runtime.calibrate import RuntimeCosts, _estimates, compute_scales, outliers
 
 
 def test_estimates_invert_the_calibration_equations():
@@ -58,3 +64,37 @@ def test_constrained_estimates_are_the_non_negative_least_squares_solution(one, 
     assert min(stage_ms.values()) >= 0 and step >= 0
     raw, raw_step = _estimates(excess, {label: "slow"}, "fast", constrained=False)
     assert raw["fast"] == pytest.approx(two - one) and raw_step == pytest.approx(2 * one - two)
+
+
+def _two_type_problem():
+    """A 6-unit problem on a fast source and a slow device, from hand-written profiles' unit times."""
+    units = tuple(Unit(f"u{i}", 1e6, 1e3) for i in range(6))
+    devs = (DeviceSpec("src", 1e9, (1.0,) * 6, True, False, 0.0), DeviceSpec("slow", 1e9, (4.0,) * 6, False, False, 0.0))
+    return Problem(units, devs, LinkSpec(1e9, 0.0), (), 8.0, 1, {}, 0.0)
+
+
+def test_compute_scales_are_measured_over_profiled_per_type_median_over_windows():
+    problem = _two_type_problem()
+    plans = {"one": make_plan(problem, [Stage("src", 0, 6)], "latency"),
+             "mixed": make_plan(problem, [Stage("src", 0, 1), Stage("slow", 1, 4), Stage("src", 4, 6)], "latency")}
+    # profiled: src 1 ms/unit, slow 4 ms/unit. Measured per window (hand-chosen): src runs at 0.5x, 0.6x, 0.7x of
+    # its profile, slow at 2x, 1x, 1.5x; src's 1-unit stage (1 ms < MIN_SCALE_MS) must not count.
+    computes = {"one": [[3.0], [3.6], [4.2]],
+                "mixed": [[99.0, 24.0, 1.0], [99.0, 12.0, 1.2], [99.0, 18.0, 1.4]]}
+    scale, spread = compute_scales(plans, computes, {"src": "fast", "slow": "slow"})
+    # window ratios for fast: (3 + 1) / (6 + 2) = 0.5, (3.6 + 1.2) / 8 = 0.6, (4.2 + 1.4) / 8 = 0.7
+    assert scale["fast"] == pytest.approx(0.6) and spread["fast"] == pytest.approx([0.5, 0.7])
+    assert scale["slow"] == pytest.approx(1.5) and spread["slow"] == pytest.approx([1.0, 2.0])
+
+
+def test_build_problem_scales_a_device_types_unit_times(tiny_checkpoint):
+    prof = measure_profile(tiny_checkpoint, prompt_len=4, kv_lens=(4,), repeats=1, warmup=0, progress=False,
+                           device_type="cpu-local")
+    tb = bench_testbed(tiny_checkpoint, 20.0)
+    plain = build_problem({"cpu-local": prof}, tb)
+    scaled = build_problem({"cpu-local": prof}, tb, runtime={"stage_ms": {}, "step_ms": 0.0,
+                                                             "compute_scale": {"cpu-local": 0.5}})
+    for a, b in zip(plain.devices, scaled.devices):
+        assert b.unit_ms == pytest.approx(tuple(0.5 * x for x in a.unit_ms))
+    costs = RuntimeCosts({}, 0.0, compute_scale={"cpu-local": 2.0}, compute_spread={"cpu-local": [1.5, 2.5]})
+    assert RuntimeCosts.from_dict(costs.to_dict()).compute_scale == {"cpu-local": 2.0}

@@ -110,13 +110,13 @@ def _throttle_run(ctx: dict, rep: int, log: Log) -> tuple[dict, Any]:
         final = format_stages(dep.stages)
     moved = [e for e in res.events if e.get("moved")]
     switch = moved[0]["token"] if moved else None
-    after = _steady(res.per_token, switch + SETTLE_TOKENS, ctx["tokens"]) if switch is not None else []
+    after = _steady(res.per_token, (at if switch is None else switch) + SETTLE_TOKENS, ctx["tokens"])
     before = _steady(res.per_token, 1, at)
     row = {"scenario": "throttle", "repeat": rep, "run": "adaptive", "throttle_mbps": low, "high_mbps": high,
            "throttle_at_token": at, "tc_applied_ms": (shaped.get("done_ms", t0) - shaped.get("start", t0)) * 1e3,
            "events": len(res.events), "switches": len(moved), "switch_token": switch,
            "detect_tokens": None if switch is None else switch - at,
-           "old_plan": format_stages(ctx["plan"].stages), "new_plan": final,
+           "old_plan": format_stages(ctx["plan"].stages), "new_plan": final, "planner_plan": ctx["expected"],
            "pause_ms": moved[0]["pause_ms"] if moved else None,
            "tokens_recomputed": moved[0]["tokens_recomputed"] if moved else None,
            "before_ms": statistics.median(before) if before else None,
@@ -179,19 +179,44 @@ def _kill_run(ctx: dict, rep: int, log: Log) -> tuple[dict, Any]:
     return row, res
 
 
-def bench_adaptive(model: str = "", high_mbps: float = 200.0, throttle_mbps: Any = "auto", tokens: int = 200,
+def throttle_values(text: Any) -> list[Any]:
+    """"2,auto" (or a number, or a list) -> [2.0, "auto"]: the cloud bandwidths (Mbps) of the throttle scenarios."""
+    items = text if isinstance(text, (list, tuple)) else str(text).split(",")
+    out: list[Any] = []
+    for item in items:
+        item = str(item).strip().lower()
+        if item == "auto":
+            out.append("auto")
+            continue
+        try:
+            mbps = float(item)
+        except ValueError:
+            mbps = float("nan")
+        if not mbps > 0:
+            raise KitError(f"--throttle-mbps: {item!r} is not a bandwidth > 0 (Mbps) or auto")
+        out.append(mbps)
+    if not out:
+        raise KitError("--throttle-mbps: give one or more bandwidths (Mbps) or auto")
+    return out
+
+
+def bench_adaptive(model: str = "", high_mbps: float = 200.0, throttle_mbps: Any = "2,auto", tokens: int = 200,
                    switch_at: int = 60, kill_at: int = 60, prompt_len: int = 16, repeats: int = 2,
                    tolerance: float = 0.1, profiles: list[str] | None = None, root: str | Path = "results",
                    log: Log = _quiet) -> tuple[list[dict], Path]:
-    """(rows, run folder): the throttle and kill scenarios on the emulated testbed (root), `repeats` times each,
-    adaptive and fresh runs alternating. KitError when this host cannot emulate (netns.unavailable)."""
+    """(rows, run folder): the throttle scenario at every bandwidth of `throttle_mbps` ("2,auto": 2 Mbps, then the
+    highest candidate that moves the plan) and the kill scenario on the emulated testbed (root), `repeats` times
+    each, adaptive and fresh runs alternating. A throttle at which the planner keeps the plan (within `tolerance`
+    of the new optimum) is compared with a fresh deployment of that same plan. KitError when this host cannot
+    emulate (netns.unavailable)."""
     why = netns.unavailable()
     if why:
         raise KitError(f"bench adaptive: {why}")
     if not 0 < switch_at < tokens - 2 * SETTLE_TOKENS or not 0 < kill_at < tokens:
         raise KitError(f"switch_at={switch_at} / kill_at={kill_at}: must lie inside the {tokens}-token generation "
                        f"(switch_at with {2 * SETTLE_TOKENS} tokens to spare)")
-    params = {"model": model, "high_mbps": high_mbps, "throttle_mbps": throttle_mbps, "tokens": tokens,
+    throttles = throttle_values(throttle_mbps)
+    params = {"model": model, "high_mbps": high_mbps, "throttle_mbps": throttles, "tokens": tokens,
               "switch_at": switch_at, "kill_at": kill_at, "prompt_len": prompt_len, "repeats": repeats,
               "tolerance": tolerance}
     rows: list[dict] = []
@@ -207,60 +232,66 @@ def bench_adaptive(model: str = "", high_mbps: float = 200.0, throttle_mbps: Any
                 log(f"profiling {checkpoint} on every device type of {tb.name} (over SSH, under its cgroup) ...")
                 profs = steps.profile_testbed(checkpoint, tb, repeats=3, prompt_len=prompt_len,
                                               kv_lens=f"{prompt_len},{prompt_len + tokens}", run=run)
-            low, cand = choose_throttle(profs, tb, high_mbps, throttle_mbps, workload, tolerance)
-            rows += cand
-            for c in cand:
-                log(f"  planner at {c['throttle_mbps']:g} Mbps: {c['reason']}")
             problem = _problem(profs, tb, high_mbps, workload)
             plan = solve_objective(problem, "latency")
             ids, mask = prompt_ids(checkpoint, 1, prompt_len)
             log(f"reference: {tokens} tokens on one device (transformers) ...")
             reference = steps.reference_tokens(checkpoint, ids, tokens, mask)
             ctx = {"testbed": tb, "checkpoint": checkpoint, "plan": plan, "problem": problem, "tokens": tokens,
-                   "high_mbps": high_mbps, "throttle_mbps": low, "switch_at": switch_at, "kill_at": kill_at,
-                   "tolerance": tolerance, "ids": ids, "mask": mask, "reference": reference,
-                   "low_problem": _problem(profs, tb, low or high_mbps, workload), "drift": DriftSettings()}
+                   "high_mbps": high_mbps, "switch_at": switch_at, "kill_at": kill_at, "tolerance": tolerance,
+                   "ids": ids, "mask": mask, "reference": reference, "drift": DriftSettings()}
             log(f"plan at {high_mbps:g} Mbps: {format_stages(plan.stages)} ({plan.latency_ms:.1f} ms predicted); "
-                f"throttle to {low} Mbps after {switch_at} of {tokens} tokens; {repeats} repeats")
-            events, timeline = [], None
-            if low is None:
-                log(f"no throttle of {', '.join(f'{c:g}' for c in THROTTLE_CANDIDATES)} Mbps moves the plan "
-                    f"{format_stages(plan.stages)}: the throttle scenario is skipped (the planner rows say why)")
-            for rep in range(repeats if low is not None else 0):
-                row, res = _throttle_run(ctx, rep, log)
-                rows.append(row)
-                events += [{"scenario": "throttle", "repeat": rep, **e} for e in event_rows(res.events)]
-                if timeline is None:
-                    timeline = (res, row)
-                stages = [c for c in cand if c["moved"]][-1]["new_plan"] if row["switch_token"] is None \
-                    else row["new_plan"]
-                first = (row["switch_token"] or switch_at) + SETTLE_TOKENS
-                fresh = _fresh_run(ctx, rep, _parse(stages), first, log)
-                rows.append(fresh)
-                if row["after_ms"] is not None:
-                    row["fresh_after_ms"] = fresh["after_ms"]
-                    row["ratio"] = row["after_ms"] / fresh["after_ms"]
+                f"{tokens} tokens per generation; {repeats} repeats per scenario")
+            events, timelines, done = [], {}, set()
+            for throttle in throttles:
+                low, cand = choose_throttle(profs, tb, high_mbps, throttle, workload, tolerance)
+                rows += cand
+                for c in cand:
+                    log(f"  planner at {c['throttle_mbps']:g} Mbps: {c['reason']}")
+                if low is None:
+                    log(f"no throttle of {', '.join(f'{c:g}' for c in THROTTLE_CANDIDATES)} Mbps moves the plan "
+                        f"{format_stages(plan.stages)}: the auto throttle scenario is skipped (the planner rows say why)")
+                    continue
+                if low in done:
+                    continue
+                done.add(low)
+                here = {**ctx, "throttle_mbps": low, "low_problem": _problem(profs, tb, low, workload),
+                        "expected": cand[-1]["new_plan"]}
+                log(f"throttle: cloud links {high_mbps:g} -> {low:g} Mbps after {switch_at} tokens; the planner "
+                    f"{'moves to ' + cand[-1]['new_plan'] if cand[-1]['moved'] else 'keeps the plan'}")
+                for rep in range(repeats):
+                    row, res = _throttle_run(here, rep, log)
+                    rows.append(row)
+                    events += [{"scenario": "throttle", "throttle_mbps": low, "repeat": rep, **e}
+                               for e in event_rows(res.events)]
+                    timelines.setdefault(f"throttle_{low:g}Mbps", (res, row))
+                    first = (row["switch_token"] if row["switch_token"] is not None else switch_at) + SETTLE_TOKENS
+                    fresh = _fresh_run(here, rep, _parse(here["expected"]), first, log)
+                    rows.append(fresh)
+                    if row["after_ms"] is not None:
+                        row["fresh_after_ms"] = fresh["after_ms"]
+                        row["ratio"] = row["after_ms"] / fresh["after_ms"]
             for rep in range(repeats):
                 row, res = _kill_run(ctx, rep, log)
                 rows.append(row)
-                if timeline is None:
-                    timeline = (res, row)
+                timelines.setdefault("kill", (res, row))
                 events += [{"scenario": "kill", "repeat": rep, **e} for e in event_rows(res.events)]
         run.write_csv("adaptive", rows)
         run.write_csv("adaptive_events", events)
-        if timeline is not None:
-            res, row = timeline
-            marks, title = list(res.events), f"SmolLM2 on the emulated testbed: worker of " \
-                                                f"{row.get('killed_device')} SIGKILLed after {kill_at} tokens"
+        for name, (res, row) in timelines.items():
+            marks = list(res.events)
             if row["scenario"] == "throttle":
                 marks.append({"token": row["throttle_at_token"], "cause": "network", "moved": False,
-                              "new_plan": f"cloud links {high_mbps:g} -> {low:g} Mbps (tc)"})
-                title = f"SmolLM2 on the emulated testbed: cloud links {high_mbps:g} -> {low:g} Mbps after " \
-                        f"{switch_at} tokens"
-            run.write_csv("adaptive_per_token", res.per_token)
-            run.save_figure("adaptive_timeline", latency_timeline(res.per_token, marks, title=title))
+                              "new_plan": f"cloud links {high_mbps:g} -> {row['throttle_mbps']:g} Mbps (tc)"})
+                title = f"SmolLM2 on the emulated testbed: cloud links {high_mbps:g} -> {row['throttle_mbps']:g} " \
+                        f"Mbps after {switch_at} tokens"
+            else:
+                title = f"SmolLM2 on the emulated testbed: worker of {row.get('killed_device')} SIGKILLed after " \
+                        f"{kill_at} tokens"
+            run.write_csv(f"adaptive_per_token_{name}", res.per_token)
+            run.save_figure(f"adaptive_timeline_{name}", latency_timeline(res.per_token, marks, title=title))
         ratios = [r["ratio"] for r in rows if r.get("ratio") is not None]
-        run.finish(throttle_mbps=low, ratios=ratios,
+        run.finish(throttle_mbps=sorted(done), ratios=ratios,
                    tokens_match=all(r["tokens_match"] for r in rows if "tokens_match" in r))
     return rows, run.path
 

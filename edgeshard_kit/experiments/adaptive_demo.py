@@ -16,7 +16,7 @@ from edgeshard_kit.core.units import format_stages
 from edgeshard_kit.experiments import steps
 from edgeshard_kit.experiments.adaptive import event_rows, latency_timeline, record_adaptive
 from edgeshard_kit.experiments.measurements import prompt_ids
-from edgeshard_kit.experiments.testbeds import EMULATED, bench_testbed, scale_memory, with_cloud_mbps
+from edgeshard_kit.experiments.testbeds import EMULATED, bench_testbed, fit_cpu, scale_memory, with_cloud_mbps
 from edgeshard_kit.planning.build import LinkModel, Workload, build_problem
 from edgeshard_kit.planning.objectives import solve_objective
 from edgeshard_kit.planning.replan import decide
@@ -32,14 +32,16 @@ REDRAW_EVERY = 5  # tokens between redraws of the live plot
 
 def adaptive_testbed(checkpoint: str | Path, name: str = "adaptive", subnet: str = "10.78.0") -> Testbed:
     """testbed/emulated.yaml under its own name and /24 subnet (`subnet`.0/24), so that it runs beside a
-    `bench testbed-prediction` on `emulated`; memory scaled so that the source holds 45% of the model."""
+    `bench testbed-prediction` on `emulated`; memory scaled so that the source holds 45% of the model, CPU quotas
+    fitted to this host's cores (testbeds.fit_cpu: quotas beyond the host's cores let contention, not the file,
+    set every device's speed)."""
     d = load_testbed(EMULATED).to_dict()
     old = str(d["emulation"]["subnet"]).rsplit(".", 1)[0]
     d["name"], d["emulation"]["subnet"] = name, f"{subnet}.0/24"
     for dev in d["devices"]:
         if dev.get("address"):
             dev["address"] = dev["address"].replace(old + ".", subnet + ".", 1)
-    return scale_memory(testbed_from_dict(d, f"{EMULATED} as {name}"), checkpoint)
+    return fit_cpu(scale_memory(testbed_from_dict(d, f"{EMULATED} as {name}"), checkpoint))
 
 
 def link_model(testbed: Testbed) -> LinkModel:

@@ -110,15 +110,20 @@ class FixedCosts(Protocol):
 
     stage_ms: dict[str, float]  # device type -> ms every stage on such a device adds per step
     step_ms: float  # ms per token outside the stages
+    # device type -> measured compute / profiled compute in the deployed runtime (1 = the profile as it is); optional
 
 
-def _fixed_costs(runtime: FixedCosts | Mapping[str, Any] | None) -> tuple[dict[str, float], float]:
-    """(stage_ms by device type, step_ms) of a `FixedCosts` object or its dict form; none without."""
+def _fixed_costs(runtime: FixedCosts | Mapping[str, Any] | None) -> tuple[dict[str, float], float, dict[str, float]]:
+    """(stage_ms by device type, step_ms, compute_scale by device type) of a `FixedCosts` object or its dict form;
+    none without. compute_scale multiplies a device type's profiled unit times (absent: 1)."""
     if not runtime:
-        return {}, 0.0
-    if isinstance(runtime, Mapping):
-        return dict(runtime.get("stage_ms") or {}), float(runtime.get("step_ms") or 0.0)
-    return dict(runtime.stage_ms or {}), float(runtime.step_ms or 0.0)
+        return {}, 0.0, {}
+    get = runtime.get if isinstance(runtime, Mapping) else lambda k: getattr(runtime, k, None)
+    scale = {str(k): float(v) for k, v in (get("compute_scale") or {}).items()}
+    for t, v in scale.items():
+        if not v > 0:
+            raise KitError(f"runtime costs: compute_scale of {t!r} is {v} (must be > 0)")
+    return dict(get("stage_ms") or {}), float(get("step_ms") or 0.0), scale
 
 
 def _unit_ms(profile: Profile, workload: Workload) -> list[float]:
@@ -148,14 +153,16 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
     """The planning problem of `testbed` running the model of `profiles` (one per device type) on `workload`.
 
     `runtime` (`stage_ms` by device type and `step_ms`: runtime.calibrate's `RuntimeCosts`, or a dict of
-    the two) adds the runtime's fixed costs per stage and per token; without it the model is the paper's.
+    the two) adds the runtime's fixed costs per stage and per token, and its optional `compute_scale` (device
+    type -> measured / profiled compute in the deployed runtime) scales that type's unit times; without it the
+    model is the paper's.
     `returns` prices the hop back to the source, per sequence of a micro-batch: "tokens" = 8 bytes (the
     runtime's int64 token ids), "logits" = the head's output bytes (the paper's scripts), or a byte count.
     `links` (a LinkModel): every link priced by the shaper's burst and the probe's measurements, at this
     workload's message sizes; without it every link is the inventory's (the paper's model).
     """
     workload = workload or Workload()
-    stage_ms, step_ms = _fixed_costs(runtime)
+    stage_ms, step_ms, scale = _fixed_costs(runtime)
     if not profiles:
         raise KitError("build_problem: no profiles given")
     ref = next(iter(profiles.values()))
@@ -177,7 +184,8 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
         if d.type not in profiles:
             raise KitError(f"testbed device {d.name!r} is of type {d.type!r}, but no profile is given for it "
                            f"(profiles: {', '.join(profiles)})")
-        devices.append(DeviceSpec(d.name, float(d.memory_bytes), tuple(_unit_ms(profiles[d.type], workload)),
+        k = scale.get(d.type, 1.0)
+        devices.append(DeviceSpec(d.name, float(d.memory_bytes), tuple(k * x for x in _unit_ms(profiles[d.type], workload)),
                                   bool(d.source), bool(d.cloud), float(stage_ms.get(d.type, 0.0))))
     names = [d.name for d in testbed.devices]
     dl = testbed.default
@@ -197,7 +205,7 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
     meta = {"model": ref.model, "workload": workload.to_dict(), "returns": returns, "testbed": testbed.name,
             "profiles": {k: p.model for k, p in profiles.items()}}
     if runtime:
-        meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms}
+        meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms, "compute_scale": scale}
     if links is not None:
         meta["link_model"] = links.to_dict()
     # tied embeddings: the head's bytes include unit 0's tensor, held once by a device that has both

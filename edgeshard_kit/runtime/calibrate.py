@@ -11,10 +11,12 @@ paper's model of the same plan (layers + transfers, no fixed costs):
 - the whole model as one stage on the source:            T1 - L1 = s_src + step
 - embedding on the source, the rest on a second worker
   on the source (the relay form, no link crossed):        T2 - L2 = 2 s_src + step
-- embedding on the source, one decoder layer on a device
-  of type t, the rest on the source again:                Tt - Lt = 2 s_src + s_t + step
+- embedding on the source, a quarter of the decoder layers
+  on a device of type t, the rest on the source again:    Tt - Lt = 2 s_src + s_t + step
 
-which gives s_src, step and every s_t, returned as `RuntimeCosts`. `planning.build.build_problem(...,
+which gives s_src, step and every s_t, returned as `RuntimeCosts`. The same windows record every stage's
+measured compute: its ratio to the profile's, per device type (`compute_scales`), scales the profiles first, so
+that L is the compute as the deployed runtime measures it at that time, not as a profile measured alone earlier. `planning.build.build_problem(...,
 runtime=costs)` then puts `costs.stage_ms` on every device and `costs.step_ms` on the problem; the DPs
 optimise with them.
 """
@@ -40,6 +42,7 @@ from edgeshard_kit.testbed.inventory import Testbed
 CALIBRATION_PROMPT = "The edge devices share the model"
 OUTLIER_FACTOR = 3.0    # a device type's per-stage cost this many times its peers' median (or a third of it) ...
 OUTLIER_FLOOR_MS = 1.0  # ... and this many ms away from it is measured again
+MIN_SCALE_MS = 2.0      # stages profiled at less compute than this do not set their device type's compute scale
 
 
 @dataclass(frozen=True)
@@ -58,12 +61,15 @@ class RuntimeCosts:
     method: str = ""
     spread: dict[str, list[float]] = field(default_factory=dict)  # device type -> [min, max] over the windows
     remeasured: dict[str, dict] = field(default_factory=dict)  # device type -> {first_ms, again_ms}
+    compute_scale: dict[str, float] = field(default_factory=dict)  # device type -> measured / profiled compute
+    compute_spread: dict[str, list[float]] = field(default_factory=dict)  # device type -> [min, max] over windows
 
     def to_dict(self, records: bool = False) -> dict:
         """{stage_ms, step_ms, raw: {stage_ms, step_ms}, method} (+ records): the manifest's runtime_overheads."""
         out = {"stage_ms": dict(self.stage_ms), "step_ms": self.step_ms,
                "raw": {"stage_ms": dict(self.raw_stage_ms), "step_ms": self.raw_step_ms}, "method": self.method,
-               "spread": dict(self.spread), "remeasured": dict(self.remeasured)}
+               "spread": dict(self.spread), "remeasured": dict(self.remeasured),
+               "compute_scale": dict(self.compute_scale), "compute_spread": dict(self.compute_spread)}
         return {**out, "records": list(self.records)} if records else out
 
     @classmethod
@@ -73,17 +79,22 @@ class RuntimeCosts:
             raw = d.get("raw") or {}
             return cls({str(k): float(v) for k, v in d["stage_ms"].items()}, float(d["step_ms"]),
                        {str(k): float(v) for k, v in raw.get("stage_ms", d["stage_ms"]).items()},
-                       float(raw.get("step_ms", d["step_ms"])), list(d.get("records", [])), str(d.get("method", "")))
+                       float(raw.get("step_ms", d["step_ms"])), list(d.get("records", [])), str(d.get("method", "")),
+                       compute_scale={str(k): float(v) for k, v in (d.get("compute_scale") or {}).items()},
+                       compute_spread={str(k): [float(x) for x in v] for k, v in (d.get("compute_spread") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise KitError(f"runtime costs: expected {{stage_ms: {{type: ms}}, step_ms: ms}}, got {d!r} ({e})") from None
 
 
 def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Plan], tokens: int,
-                   windows: int, launch_opts: LaunchOptions | dict | None, prompt=None) -> dict[str, list[float]]:
-    """Per label: the per-token latency (ms) of each window. All plans are deployed at once; a window measures each
-    in turn, the order rotating from one window to the next, so that a slow spell of the host falls on every plan
-    alike (idle workers block on their sockets and cost nothing)."""
+                   windows: int, launch_opts: LaunchOptions | dict | None,
+                   prompt=None) -> tuple[dict[str, list[float]], dict[str, list[list[float]]]]:
+    """(per-token latency (ms) of each window, per stage the median decode compute_ms of each window), by label.
+
+    All plans are deployed at once; a window measures each in turn, the order rotating from one window to the
+    next, so that a slow spell of the host falls on every plan alike (idle workers block on their sockets)."""
     runs: dict[str, list[float]] = {label: [] for label in plans}
+    computes: dict[str, list[list[float]]] = {label: [] for label in plans}
     with ExitStack() as stack:
         # No problem passed: calibration layouts (the whole model on the source, say) ignore the memory budgets
         # on purpose, and deploy() refuses an over-budget plan when it is given the problem.
@@ -100,8 +111,47 @@ def _measure_plans(checkpoint: str | Path, testbed: Testbed, plans: dict[str, Pl
         for w in range(windows):
             shift = w % len(order)
             for label in order[shift:] + order[:shift]:
-                runs[label].append(generate(deps[label], tokens).summary["per_token_ms"])
-    return runs
+                res = generate(deps[label], tokens)
+                runs[label].append(res.summary["per_token_ms"])
+                computes[label].append(_stage_compute(res, len(plans[label].stages)))
+    return runs, computes
+
+
+def _stage_compute(res, n_stages: int) -> list[float]:
+    """Per stage: the median compute_ms of the decode steps (step > 0) of one generation."""
+    out = []
+    for i in range(n_stages):
+        got = [r["compute_ms"] for r in res.per_stage if r.get("stage") == i and r.get("step", 0) > 0
+               and r.get("compute_ms") is not None]
+        out.append(statistics.median(got) if got else float("nan"))
+    return out
+
+
+def compute_scales(plans: dict[str, Plan], computes: dict[str, list[list[float]]], types: dict[str, str],
+                   min_ms: float = MIN_SCALE_MS) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """(scale, [min, max] over windows) by device type: measured / profiled decode compute of its stages.
+
+    `types`: device name -> type. Per window, every stage on a device of the type whose profiled compute is at
+    least `min_ms` counts (sum measured / sum profiled); the figure is the median over windows. A profile is
+    measured once, alone on the device, and the deployment runs later, beside other workers: on a shared host
+    the two differ (measured: SmolLM2's cloud stage profiled at 195 ms and run at 125 ms an hour later, the
+    memory bandwidth of the same device 1.8 and 3.9 GB/s at two times), which no fixed cost explains.
+    """
+    per: dict[str, list[list[tuple[float, float]]]] = {}
+    for label, plan in plans.items():
+        for w, stages in enumerate(computes[label]):
+            for st, pred, meas in zip(plan.stages, plan.stage_compute_ms, stages):
+                if pred >= min_ms and meas == meas:
+                    rows = per.setdefault(types[st.device], [])
+                    while len(rows) <= w:
+                        rows.append([])
+                    rows[w].append((pred, meas))
+    scale, spread = {}, {}
+    for t, rows in per.items():
+        ratios = [sum(m for _, m in r) / sum(p for p, _ in r) for r in rows if r]
+        if ratios:
+            scale[t], spread[t] = statistics.median(ratios), [min(ratios), max(ratios)]
+    return scale, spread
 
 
 def _estimates(excess: dict[str, float], others: dict[str, str], src_type: str,
@@ -144,7 +194,7 @@ def outliers(stage_ms: dict[str, float], factor: float = OUTLIER_FACTOR, floor_m
 def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[str, Profile], prompt_len: int = 8,
                       tokens: int = 16, repeats: int = 6, launch_opts: LaunchOptions | dict | None = None,
                       log: Callable[[str], Any] | None = None, links: LinkModel | None = None,
-                      prompt=None) -> RuntimeCosts:
+                      prompt=None, scale_compute: bool = True) -> RuntimeCosts:
     """The runtime's fixed costs per stage (by device type) and per token, measured on `testbed`.
 
     `repeats` interleaved windows (each: every calibration deployment once, `tokens` tokens); every window gives an
@@ -156,6 +206,10 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
     `prompt`: (ids (1, T), attention mask) to generate from instead of CALIBRATION_PROMPT (prompt_len is then T): the
     KV lengths of the runs to be predicted, so that the profile's decode time is read where it was measured (a
     profile's per-KV-token slope extrapolated to a short calibration prompt became 50 ms of "fixed cost").
+    `scale_compute`: the same windows also give every device type's compute scale (`compute_scales`: the runtime's
+    measured decode compute over the profile's, of stages with a quarter of the decoder layers on devices of other
+    types), the fixed costs are what is left over the scaled compute, and `build_problem(..., runtime=costs)` scales
+    the profiles by it.
     """
     if prompt is not None:
         prompt_len = int(prompt[0].shape[1])
@@ -171,11 +225,23 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
     for dev in testbed.devices:
         if dev.type != src.type and dev.type not in others.values():
             # One decoder layer on the device, between two source stages: its fixed cost, not its compute model's error
-            label = f"source, 1 layer on {dev.type} ({dev.name}), source"
-            layouts[label] = [Stage(src.name, 0, 1), Stage(dev.name, 1, 2), Stage(src.name, 2, n)]
+            k = max(1, (n - 2) // 4) if scale_compute else 1  # enough layers to time the device's compute well
+            label = f"source, {k} layer{'s' if k > 1 else ''} on {dev.type} ({dev.name}), source"
+            layouts[label] = [Stage(src.name, 0, 1), Stage(dev.name, 1, 1 + k), Stage(src.name, 1 + k, n)]
             others[label] = dev.type
     plans = {k: make_plan(problem, st, "latency", relay=True, method="calibration") for k, st in layouts.items()}
-    runs = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts, prompt)
+    runs, computes = _measure_plans(checkpoint, testbed, plans, tokens, repeats, launch_opts, prompt)
+    scale, scale_spread = {}, {}
+    if scale_compute:
+        types = {d.name: d.type for d in testbed.devices}
+        scale, scale_spread = compute_scales(plans, computes, types)
+        problem = build_problem(profiles, testbed, Workload(prompt_len=prompt_len, gen_tokens=tokens),
+                                runtime={"stage_ms": {}, "step_ms": 0.0, "compute_scale": scale}, returns="tokens",
+                                links=links)
+        plans = {k: make_plan(problem, p.stages, "latency", relay=True, method="calibration") for k, p in plans.items()}
+        if log:
+            log("  compute measured / profiled (median [min..max] over windows): " + ", ".join(
+                f"{t} {v:.3f} [{scale_spread[t][0]:.3f}..{scale_spread[t][1]:.3f}]" for t, v in scale.items()))
     windows = [_estimates({k: runs[k][w] - plans[k].latency_ms for k in plans}, others, src.type)
                for w in range(repeats)]  # per window: the spread
     # The figures: one constrained solve of the median excess per deployment (medians first: a slow window of one
@@ -190,7 +256,7 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
         if label is None:  # the source type: it enters every equation, re-measuring it is re-running everything
             continue
         again = _measure_plans(checkpoint, testbed, {k: plans[k] for k in (*list(plans)[:2], label)}, tokens,
-                               repeats, launch_opts, prompt)
+                               repeats, launch_opts, prompt)[0]
         est = [_estimates({k: again[k][w] - plans[k].latency_ms for k in again}, {label: dtype}, src.type)[0][dtype]
                for w in range(repeats)]
         value = _estimates({k: statistics.median(again[k]) - plans[k].latency_ms for k in again}, {label: dtype},
@@ -208,6 +274,8 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
         dtype = others.get(label, src.type)
         records.append({"deployment": label, "stages": format_stages(plan.stages),
                         "predicted_without_overheads_ms": pred, "measured_ms": meas,
+                        "compute_scale": scale.get(dtype), "compute_scale_min": scale_spread.get(dtype, [None])[0],
+                        "compute_scale_max": scale_spread.get(dtype, [None, None])[1],
                         "measured_min_ms": min(runs[label]), "measured_max_ms": max(runs[label]),
                         "excess_ms": meas - pred, "windows": repeats, "device_type": dtype,
                         "stage_ms": stage_ms[dtype], "stage_ms_min": spread[dtype][0], "stage_ms_max": spread[dtype][1],
@@ -229,5 +297,8 @@ def calibrate_runtime(checkpoint: str | Path, testbed: Testbed, profiles: dict[s
                                f"per deployment the median per-token latency minus the model of the same plan "
                                f"without fixed costs, solved for non-negative terms together (spread: the same "
                                f"solve per window, min and max in the records); outlier device types "
-                               f"re-measured: {sorted(remeasured) or 'none'}",
-                        spread={t: list(v) for t, v in spread.items()}, remeasured=remeasured)
+                               f"re-measured: {sorted(remeasured) or 'none'}"
+                               + ("; compute scaled per device type by the measured / profiled decode compute of "
+                                  "the same windows" if scale_compute else ""),
+                        spread={t: list(v) for t, v in spread.items()}, remeasured=remeasured,
+                        compute_scale=scale, compute_spread=scale_spread)
