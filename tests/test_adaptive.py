@@ -2,6 +2,7 @@
 optima), and switches mid-generation (forced, and after a SIGKILLed worker) keep greedy tokens identical to
 transformers' generate on one device."""
 
+import itertools
 import math
 import os
 import random
@@ -13,7 +14,7 @@ import torch
 from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.problem import DeviceSpec, LinkSpec, Problem, Unit
-from edgeshard_kit.planning.replan import decide, plan_cost, with_device_scale, with_link_mbps, without_device
+from edgeshard_kit.planning.replan import decide, plan_cost, with_device_scale, with_link_mbps, with_measured_link, without_device
 from edgeshard_kit.runtime.adaptive import AdaptivePolicy
 from edgeshard_kit.runtime.deployment import deploy
 from edgeshard_kit.runtime.drift import DriftDetector, DriftSettings, predicted_signals
@@ -298,3 +299,72 @@ def test_choose_throttle_keeps_a_plan_whose_decode_frames_fit_the_token_bucket(c
     low, rows = choose_throttle(profiles, tb, 200.0, 0.5, wl, 0.1)
     assert low == 0.5 and len(rows) == 1
     assert format_stages(_parse(rows[0]["old_plan"])) == rows[0]["old_plan"]
+
+
+def test_decide_falls_back_to_relay_when_only_a_device_running_two_stages_fits():
+    """After the cloud is lost, one stage per device cannot hold the model (unit 1 fills `mid`; the source holds
+    unit 0 and has room for two more small units, not for unit 1): only the source running a second stage fits.
+    Brute force over every relay assignment says which relay plan is the latency optimum."""
+    units = (Unit("embed", 10, 1.0), Unit("L1", 30, 1.0), Unit("L2", 10, 1.0), Unit("head", 10, 1.0))
+    devs = (DeviceSpec("src", 30, (1.0, 1.0, 1.0, 1.0), True), DeviceSpec("mid", 30, (2.0, 2.0, 2.0, 2.0)),
+            DeviceSpec("cloud", 1000, (0.5, 0.5, 0.5, 0.5), cloud=True))
+    full = Problem(units, devs, LinkSpec(1e6, 0.0))
+    current = (Stage("src", 0, 1), Stage("cloud", 1, 4))
+    left = without_device(full, "cloud")
+    with pytest.raises(KitError):
+        decide(left, current, "latency", relay_fallback=False)
+    dec = decide(left, current, "latency")
+    assert dec.move and {s.device for s in dec.plan.stages} == {"src", "mid"}
+    best = None
+    for assign in itertools.product(("src", "mid"), repeat=4):
+        if assign[0] != "src":
+            continue
+        stages, start = [], 0
+        for u in range(1, 5):
+            if u == 4 or assign[u] != assign[start]:
+                stages.append(Stage(assign[start], start, u))
+                start = u
+        try:
+            cost = plan_cost(left, stages, "latency")
+        except KitError:
+            continue
+        if math.isfinite(cost) and (best is None or cost < best[0]):
+            best = (cost, stages)
+    assert best is not None and plan_cost(left, dec.plan.stages, "latency") == pytest.approx(best[0])
+
+
+def test_a_drifting_link_slows_every_link_of_its_non_source_endpoint():
+    """edge0 (source) -> cloud measured at 0.02 Mbps: with the endpoint scope every link to or from the cloud gets
+    at most that (the cloud's uplink), edge-edge links keep theirs; the link scope changes only that link."""
+    units = tuple(Unit(f"u{i}", 1.0, 1.0) for i in range(4))
+    devs = (DeviceSpec("edge0", 10, (1.0,) * 4, True), DeviceSpec("edge1", 10, (1.0,) * 4),
+            DeviceSpec("cloud", 10, (1.0,) * 4, cloud=True))
+    p = Problem(units, devs, LinkSpec(100.0, 0.0), (("edge1", "cloud", LinkSpec(0.01, 0.0)),))
+    got = with_measured_link(p, "edge0", "cloud", 0.02)
+    for a, b in itertools.permutations(p.names, 2):
+        want = (0.01 if (a, b) == ("edge1", "cloud") else 0.02) if "cloud" in (a, b) else 100.0
+        assert got.link(a, b).mbps == want, (a, b)
+    only = with_measured_link(p, "edge0", "cloud", 0.02, scope="link")
+    assert only.link("edge0", "cloud").mbps == 0.02 and only.link("cloud", "edge1").mbps == 100.0
+    with pytest.raises(KitError, match="link scope"):
+        with_measured_link(p, "edge0", "cloud", 0.02, scope="everything")
+    with pytest.raises(KitError, match="link_scope"):
+        AdaptivePolicy(link_scope="nowhere")
+
+
+def test_a_drift_move_must_pay_for_its_load_over_the_tokens_left():
+    """The saving (gain x measured per-token latency x tokens left) is weighed against the longest measured load:
+    hand-computed cases on both sides, and the knob that turns it off."""
+    from edgeshard_kit.planning.replan import Decision
+    from edgeshard_kit.runtime.adaptive import _Session
+
+    s = _Session.__new__(_Session)  # the weighing alone: no deployment
+    s.policy, s.k, s.total, s.load_s = AdaptivePolicy(), 1, 200, 20.0
+    s.per_token = [{"latency_ms": 300.0, "recompute": False}] * 8
+    ok, why = s._worth_moving(Decision(True, None, 330.0, 287.0, 0.13, "x"), 121)  # 0.13 x 300 ms x 79 = 3.1 s
+    assert not ok and "79 tokens left" in why and "20.0 s" in why
+    s.per_token = [{"latency_ms": 1000.0, "recompute": False}] * 8
+    assert s._worth_moving(Decision(True, None, 493.0, 345.0, 0.30, "x"), 67) == (True, "")  # 0.3 x 1 s x 133 = 40 s
+    assert s._worth_moving(Decision(True, None, math.inf, 345.0, 1.0, "lost"), 199)[0]  # a lost device always moves
+    s.policy = AdaptivePolicy(amortize=False)
+    assert s._worth_moving(Decision(True, None, 330.0, 287.0, 0.13, "x"), 199)[0]

@@ -61,8 +61,21 @@ def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16
             dist = dep.generate(ids, tokens)
             one_ms = statistics.median(one.per_token_ms)
             rows.append({"repeat": r, "one_process_ms": one_ms, "pipeline_ms": dist.summary["per_token_ms"],
-                         "ratio": dist.summary["per_token_ms"] / one_ms})
+                         "ratio": dist.summary["per_token_ms"] / one_ms,
+                         "excess_ms": dist.summary["per_token_ms"] - one_ms})
     return rows
+
+
+def stage_cost(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16, repeats: int = 6,
+               dtype: str = "float32", log: Callable[[str], Any] | None = None) -> RuntimeCosts:
+    """The runtime's fixed cost per stage and per token on 2 local workers (one thread each), calibrated in
+    `repeats` interleaved windows (runtime.calibrate: one stage vs two stages on the same host, the compute of
+    each scaled by the runtime's own measured compute): `stage_ms["cpu-local"]` is the cost of one more stage."""
+    tb = local_testbed(2, pin=False)
+    workload = quick_workload(1, 1, prompt_len, tokens)
+    profiles = quick_profiles(checkpoint, tb, workload, dtype, threads=1)
+    return calibrate_runtime(checkpoint, tb, profiles, prompt_len=prompt_len, tokens=tokens, repeats=repeats,
+                             log=log)
 
 
 def bench_throughput(checkpoint: str | Path, micro_batches: int = 4, micro_batch_size: int = 1, tokens: int = 32,

@@ -46,7 +46,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--high-mbps", type=float, default=200.0, help="cloud links before the throttle (default 200)")
     p.add_argument("--throttle-mbps", default="2,auto",
                    help="cloud links after the throttle, one scenario each (default 2,auto); auto: the highest of "
-                        "2, 1, 0.5, 0.2, 0.1, 0.05 Mbps at which the planner moves away from the plan at --high-mbps")
+                        "2, 1, 0.5, 0.2, 0.1, 0.05, 0.02, 0.01 Mbps at which the planner moves away from the plan at --high-mbps")
     p.add_argument("--tokens", type=int, default=200, help="tokens per generation (default 200)")
     p.add_argument("--switch-at", type=int, default=60, help="throttle after this many tokens (default 60)")
     p.add_argument("--kill-at", type=int, default=60, help="SIGKILL the last stage after this many tokens (default 60)")

@@ -6,7 +6,7 @@ import argparse
 import statistics
 import time
 
-from edgeshard_kit.bench.pipeline import bench_latency, bench_loopback, bench_throughput
+from edgeshard_kit.bench.pipeline import bench_latency, bench_loopback, bench_throughput, stage_cost
 from edgeshard_kit.bench.testbed_prediction import (TARGET_MAX, TARGET_MEDIAN, TESTBEDS, prediction_errors,
                                                      testbed_prediction)
 from edgeshard_kit.core.io import write_rows
@@ -37,6 +37,19 @@ def cmd_latency(args: argparse.Namespace) -> int:
     print(f"per-token latency ratio (2 local workers / one process), median of {len(rows)}: "
           f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f})  "
           f"[target <= 1.03 on SmolLM2-135M; <= 1.10 when a decode step takes >= 20 ms]")
+    ex = [r["excess_ms"] for r in rows]
+    print(f"2 workers - one process, ms per token: median {statistics.median(ex):.2f} (min {min(ex):.2f}, "
+          f"max {max(ex):.2f})")
+    if args.calibrate:
+        costs = stage_cost(args.model, args.tokens, args.prompt_len, args.calibrate, args.dtype, log=print)
+        lo, hi = costs.spread.get("cpu-local", [float("nan")] * 2)
+        s = costs.stage_ms.get("cpu-local", 0.0)
+        print(f"fixed cost per stage (calibrated, {args.calibrate} interleaved windows): {s:.3f} ms "
+              f"[{lo:.3f}..{hi:.3f}], raw {costs.raw_stage_ms.get('cpu-local', 0.0):.3f} ms [target <= 1 ms]; "
+              f"per token {costs.step_ms:.3f} ms; compute measured / profiled "
+              f"{costs.compute_scale.get('cpu-local', 1.0):.3f}")
+        for r in rows:
+            r.update(stage_ms=s, stage_ms_min=lo, stage_ms_max=hi, step_ms=costs.step_ms)
     print(f"wrote {write_rows(rows, args.out)}")
     return 0
 
@@ -90,6 +103,9 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
+                   help="also calibrate the fixed cost per stage on the 2 workers, in this many interleaved "
+                        "windows (default 0: not)")
     p.add_argument("--out", default="results/pipeline_latency.csv", help="CSV path")
     p.set_defaults(func=cmd_latency)
 

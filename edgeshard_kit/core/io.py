@@ -89,11 +89,14 @@ def write_json(data: Any, path: str | Path, indent: int = 1) -> Path:
 
 
 def write_rows(rows: list[dict], out: str | Path, fields: list[str] | None = None) -> Path:
-    """Write records as a tidy CSV at `out` (parent folders made); columns `fields`, else the first row's keys."""
+    """Write records as a tidy CSV at `out` (parent folders made); columns `fields`, else every row's keys in the
+    order they first appear (rows of different kinds leave the others' columns empty)."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if fields is None:
+        fields = list(dict.fromkeys(k for r in rows for k in r))
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=fields or (list(rows[0]) if rows else []), lineterminator="\n")
+        w = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
         w.writeheader()
         w.writerows(rows)
     return path

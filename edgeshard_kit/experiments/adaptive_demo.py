@@ -30,9 +30,11 @@ TESTBED_KINDS = ("auto", "emulated", "local")
 REDRAW_EVERY = 5  # tokens between redraws of the live plot
 
 
-def adaptive_testbed(checkpoint: str | Path, name: str = "adaptive", subnet: str = "10.78.0") -> Testbed:
+def adaptive_testbed(checkpoint: str | Path, name: str = "adaptive", subnet: str = "10.78.0",
+                     source_share: float = 0.45) -> Testbed:
     """testbed/emulated.yaml under its own name and /24 subnet (`subnet`.0/24), so that it runs beside a
-    `bench testbed-prediction` on `emulated`; memory scaled so that the source holds 45% of the model, CPU quotas
+    `bench testbed-prediction` on `emulated`; memory scaled so that the source holds `source_share` of the model
+    (0.45: the edge devices cannot hold it without the cloud; 0.6: they can, so the cloud is a choice), CPU quotas
     fitted to this host's cores (testbeds.fit_cpu: quotas beyond the host's cores let contention, not the file,
     set every device's speed)."""
     d = load_testbed(EMULATED).to_dict()
@@ -41,7 +43,7 @@ def adaptive_testbed(checkpoint: str | Path, name: str = "adaptive", subnet: str
     for dev in d["devices"]:
         if dev.get("address"):
             dev["address"] = dev["address"].replace(old + ".", subnet + ".", 1)
-    return fit_cpu(scale_memory(testbed_from_dict(d, f"{EMULATED} as {name}"), checkpoint))
+    return fit_cpu(scale_memory(testbed_from_dict(d, f"{EMULATED} as {name}"), checkpoint, source_share))
 
 
 def link_model(testbed: Testbed) -> LinkModel:

@@ -48,6 +48,33 @@ def with_link_mbps(problem: Problem, src: str, dst: str, mbps: float) -> Problem
     return replace(problem, pairs=tuple(pairs))
 
 
+LINK_SCOPES = ("endpoint", "link")
+
+
+def with_measured_link(problem: Problem, src: str, dst: str, mbps: float, scope: str = "endpoint") -> Problem:
+    """`problem` updated with a link's measured bandwidth.
+
+    `scope` "link": only src -> dst. "endpoint" (what a running deployment can tell): the slowdown is taken as
+    the access link of the endpoint that is not the source device (both endpoints when neither is) slowing down,
+    so every link to or from it gets at most `mbps`. One drifting link cannot tell its own slowdown from its
+    endpoint's uplink; assuming the uplink keeps the planner off links it has not measured (measured: with only
+    edge0 -> cloud at 20 kbps, the re-plan moved to edge3 -> cloud -> edge2, which ran over the same throttled
+    cloud uplink at a tenth of the predicted speed).
+    """
+    if scope not in LINK_SCOPES:
+        raise KitError(f"link scope: {scope!r} is not one of {', '.join(LINK_SCOPES)}")
+    problem = with_link_mbps(problem, src, dst, mbps)
+    if scope == "link":
+        return problem
+    source = next(d.name for d in problem.devices if d.source)
+    ends = {src, dst} - {source} or {src, dst}
+    for a in problem.names:
+        for b in problem.names:
+            if a != b and (a, b) != (src, dst) and (a in ends or b in ends) and problem.link(a, b).mbps > mbps:
+                problem = with_link_mbps(problem, a, b, mbps)
+    return problem
+
+
 def with_device_scale(problem: Problem, name: str, factor: float) -> Problem:
     """`problem` with every unit time of device `name` multiplied by `factor` (measured / predicted compute)."""
     i = problem.index(name)
@@ -86,18 +113,29 @@ class Decision:
 
 
 def decide(problem: Problem, current: list[Stage] | tuple[Stage, ...], objective: str = "latency",
-           micro_batches: int = 1, tolerance: float = 0.1) -> Decision:
+           micro_batches: int = 1, tolerance: float = 0.1, relay_fallback: bool = True) -> Decision:
     """Re-solve `problem` for `objective`; move only when the optimum beats `current` by more than `tolerance`.
 
     `tolerance` is a fraction of the current cost (0.1: the new plan must be more than 10% faster). A current
-    plan that uses a device the problem no longer has, or no longer fits, always moves. KitError when nothing fits.
+    plan that uses a device the problem no longer has, or no longer fits, always moves. `relay_fallback`: when no
+    plan of one stage per device fits (after a device is lost, the others may hold the model only if one of them
+    runs two stages, e.g. the source holding both tied embedding ends), the relay optimum is taken instead.
+    KitError when nothing fits.
     """
     if not 0 <= tolerance < 1:
         raise KitError(f"tolerance: expected a fraction in [0, 1), got {tolerance!r}")
     names = set(problem.names)
     lost = sorted({s.device for s in current} - names)
     cur = math.inf if lost else plan_cost(problem, current, objective, micro_batches)
-    best = solve_objective(problem, objective, micro_batches if objective == "throughput" else None)
+    try:
+        best = solve_objective(problem, objective, micro_batches if objective == "throughput" else None)
+    except KitError as first:
+        if not relay_fallback:
+            raise
+        try:  # throughput: the relay solver's steady state (it has no fixed-K variant)
+            best = solve_objective(problem, objective, None, relay=True)
+        except KitError:
+            raise first from None
     new = plan_cost(problem, best.stages, objective, micro_batches)
     if tuple(best.stages) == tuple(current):
         return Decision(False, best, cur, new, 0.0, "the current plan is still the optimum")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,7 +37,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, format_stages
 from edgeshard_kit.planning.objectives import OBJECTIVES
 from edgeshard_kit.planning.plan import Plan, make_plan
-from edgeshard_kit.planning.replan import decide, with_device_scale, with_link_mbps, without_device
+from edgeshard_kit.planning.replan import LINK_SCOPES, decide, with_device_scale, with_measured_link, without_device
 from edgeshard_kit.runtime.chain import PipelineError
 from edgeshard_kit.runtime.deployment import Deployment, RunResult, _summarise, deploy
 from edgeshard_kit.runtime.drift import DriftDetector, DriftSettings, Evidence, measured_mbps, measured_signals, \
@@ -61,6 +62,8 @@ class AdaptivePolicy:
     drift: DriftSettings = field(default_factory=DriftSettings)
     check_every: int = 1  # pull the workers' timing records every N decoded tokens (one round trip each)
     resume_on_fault: bool = True
+    amortize: bool = True  # drift moves only when the predicted saving over the tokens left exceeds a load's time
+    link_scope: str = "endpoint"  # a drifting link updates: "endpoint" its non-source endpoint's links, "link" itself
     max_switches: int = 16
     force: tuple = ()
     observer: Any = field(default=None, compare=False)  # called with every per-token record (live plots, tests)
@@ -70,6 +73,8 @@ class AdaptivePolicy:
             raise KitError(f"adaptive.objective: {self.objective!r} is not one of {', '.join(OBJECTIVES)}")
         if not 0 <= self.tolerance < 1:
             raise KitError(f"adaptive.tolerance: expected a fraction in [0, 1), got {self.tolerance!r}")
+        if self.link_scope not in LINK_SCOPES:
+            raise KitError(f"adaptive.link_scope: {self.link_scope!r} is not one of {', '.join(LINK_SCOPES)}")
         for f in ("check_every", "max_switches"):
             v = getattr(self, f)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -121,6 +126,8 @@ class _Session:
         self.rows: list[list[int]] = []
         self.stop_at: int | None = None
         self.segment = 0
+        self.total = 0  # tokens per row asked for (set by generate_adaptive)
+        self.load_s = max((i.load_s for i in getattr(dep, "info", ()) or ()), default=0.0)  # the longest load measured
         self._rebase()
 
     # ---- detection --------------------------------------------------------------------------------------------
@@ -185,7 +192,8 @@ class _Session:
         for ev in evidence:
             d = ev.detail
             if ev.signal.startswith("link"):
-                prob = with_link_mbps(prob, d["src"], d["dst"], max(measured_mbps(ev), 1e-3))
+                prob = with_measured_link(prob, d["src"], d["dst"], max(measured_mbps(ev), 1e-3),
+                                          self.policy.link_scope)
                 ev.detail["mbps_measured"] = measured_mbps(ev)
             elif ev.signal.startswith("compute") and d["device"] not in scaled and ev.predicted_ms > 0:
                 scaled.add(d["device"])
@@ -194,11 +202,30 @@ class _Session:
         dec = decide(prob, self.dep.stages, self.policy.objective, self.k, self.policy.tolerance)
         event = {"cause": "drift", "evidence": [e.to_dict() for e in evidence], "predicted_gain": dec.gain,
                  "predicted_old_ms": dec.current_ms, "predicted_new_ms": dec.new_ms, "reason": dec.reason}
-        if dec.move and self._switches() < self.policy.max_switches:
+        worth, why = self._worth_moving(dec, token)
+        if not worth:
+            event["reason"] = f"{dec.reason}; {why}: nothing moves"
+        if dec.move and worth and self._switches() < self.policy.max_switches:
             self._prepare(dec.plan, event)
         else:
             self.events.append(self._event(event, token, self.dep.stages, moved=False))
             self._rebase(token)  # the measured level is the new baseline: no flapping
+
+    def _worth_moving(self, dec, token: int) -> tuple[bool, str]:
+        """(move?, why not): with `amortize`, the predicted saving (the gain's fraction of the measured per-token
+        latency, median of the last detector window; pipelined: of the predicted one) over the tokens left must
+        exceed the longest load measured on this deployment: loading the new workers beside the old ones slows the old pipeline on
+        shared devices (measured: a 13% gain with 79 tokens left cost 60 tokens at 2-3x latency during the load)."""
+        if not (self.policy.amortize and dec.move) or math.isinf(dec.current_ms):
+            return True, ""
+        left = max(self.total - token, 0)
+        recent = [r["latency_ms"] for r in self.per_token[-self.policy.drift.window:] if not r.get("recompute")]
+        now_ms = statistics.median(recent) if self.k == 1 and recent else dec.current_ms
+        saving_ms, cost_ms = dec.gain * now_ms * left, self.load_s * 1e3
+        if saving_ms > cost_ms:
+            return True, ""
+        return False, (f"saving {dec.gain:.0%} of {now_ms:.0f} ms x {left} tokens left = {saving_ms / 1e3:.1f} s "
+                       f"<= the longest load's {self.load_s:.1f} s")
 
     def _event(self, event: dict, token: int, new: tuple | list, moved: bool) -> dict:
         return {"t_ms": (time.perf_counter() - self.t0) * 1e3, "token": token,
@@ -223,6 +250,7 @@ class _Session:
             self.dep.problem = self.problem
         old.close()
         event.update(token=token, load_s=max((i.load_s for i in new.info), default=0.0))
+        self.load_s = max(self.load_s, event["load_s"])
         self.events.append(event)
         self.await_first = event
         self._rebase(token)
@@ -300,6 +328,7 @@ def generate_adaptive(dep: Deployment, policy: AdaptivePolicy, prompts: Any, max
     eos_ids, pad_id = dep._stop_tokens(chat if stop_at_eos is None else bool(stop_at_eos))
     sample = {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)}
     s = _Session(dep, policy, k)
+    s.total = max_new_tokens
     s.rows = [p.tolist() for p in torch.tensor_split(torch.arange(n_rows), k)]
     gen: list[list[int]] = [[] for _ in range(n_rows)]
     per_stage: list[dict] = []
