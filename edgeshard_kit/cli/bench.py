@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from edgeshard_kit.cli import bench_adaptive, bench_planning, bench_profiling, bench_runtime
+from edgeshard_kit.cli import bench_adaptive, bench_peer, bench_planning, bench_profiling, bench_runtime
 from edgeshard_kit.cli.main import COMMANDS
 
 
@@ -10,5 +10,5 @@ def add_parsers(sub) -> None:
     """Register `edgeshard bench` and its subcommands."""
     bench = sub.add_parser("bench", help=COMMANDS["bench"][1])
     bench_sub = bench.add_subparsers(dest="bench", metavar="BENCHMARK")
-    for family in (bench_profiling, bench_planning, bench_runtime, bench_adaptive):
+    for family in (bench_profiling, bench_planning, bench_runtime, bench_adaptive, bench_peer):
         family.add_bench_parsers(bench_sub)

@@ -4,8 +4,9 @@ The state carries every device's used memory (and, for throughput, every device'
 link's load), so memory is exact, unlike the paper's greedy tracking. Lower bounds: the relay DP
 that checks memory per stage only, a fractional memory-capacity bound, and the integral packing
 bound of relay_bounds.py (memory over all visits, transfers per visit); upper bound: the
-default-variant optimum, which the caller (dp.py) passes in. Worst case exponential; it gives up
-with a KitError after `max_states`.
+default-variant optimum, which the caller (dp.py) passes in. For throughput, the exact optimum of the
+packing relaxation (relay_packing.py) comes first and usually settles it. Worst case exponential; it
+gives up with a KitError after `max_states`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.planning.problem import EPS_MS, Problem
 from edgeshard_kit.planning.relay_bounds import ClassBound, transfer_minima
+from edgeshard_kit.planning.relay_packing import packing_optimum, realize
 
 
 def _link_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
@@ -121,7 +123,10 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
                  incumbent: tuple[float, list[Stage]] | None, groups: list[list[int]]):
     """Exact relay optimum (value, stages) by A* over partial plans with per-device memory (and loads) in the state.
 
-    Pruned by `incumbent`, the default-variant optimum (a relay plan too; None if none fits), as an
+    Throughput first tries the packing relaxation (relay_packing.py, within `max_states` states of its
+    own): when it proves that no plan beats `incumbent`, or the plan of its optimal packing meets its
+    bound, that is the answer; else its optimum is a lower bound and its plan may be a better incumbent.
+    A* is pruned by `incumbent`, the default-variant optimum (a relay plan too; None if none fits), as an
     upper bound; by symmetry: of the not-yet-used devices of one type (`groups`, dp.device_types)
     only the first is tried, and states equal up to a renaming of devices of one type are merged
     (`_canonical`); and by the exchange argument of `_owed` (a device runs a second stage only when
@@ -129,25 +134,34 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
     """
     N, M = problem.n_units, len(problem.devices)
     names = problem.names
-    H = _relay_bound(problem, objective, cap_ms)
-    Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
-    P = [np.concatenate([[0.0], np.cumsum(d.unit_ms)]) for d in problem.devices]
     memcap = [d.memory_bytes * (1 + 1e-12) + 1e-6 for d in problem.devices]
     src = problem.source
     lat = objective == "latency"
     step = problem.step_ms if lat else 0.0  # a constant of every plan: kept out of g, added at the end
-    ub = (incumbent[0] - step) * (1 - 1e-12) if incumbent else math.inf
-    cap_bound = _capacity_bound(problem, objective)
-    canon = _canonical(groups, src)
     link_lat, link_mbps = _link_arrays(problem)
-    class_bound = ClassBound(problem, objective, cap_ms, np.array(memcap),
-                             *transfer_minima(problem, lambda nb: _transfer_matrix(link_lat, link_mbps, nb), src)).bound
+    minima = transfer_minima(problem, lambda nb: _transfer_matrix(link_lat, link_mbps, nb), src)
 
     def transfer(a: int, b: int, nbytes: float) -> float:  # Problem.transfer_ms without the name look-ups
         if a == b:
             return 0.0
         mb = link_mbps[a, b]
         return float(link_lat[a, b] + (0.0 if math.isinf(mb) else nbytes * 8.0 / (mb * 1000.0)))
+
+    floor = 0.0  # a lower bound on the optimum, proved by the packing relaxation
+    if not lat:
+        packed = _by_packing(problem, cap_ms, groups, minima, memcap, incumbent, max_states, transfer)
+        if packed[0] == "optimal":
+            return packed[1]
+        floor, better = packed[1], packed[2]
+        if better is not None and (incumbent is None or better[0] < incumbent[0]):
+            incumbent = better
+    ub = (incumbent[0] - step) * (1 - 1e-12) if incumbent else math.inf
+    H = _relay_bound(problem, objective, cap_ms)
+    Q = np.concatenate([[0.0], np.cumsum([u.mem_bytes for u in problem.units])])
+    P = [np.concatenate([[0.0], np.cumsum(d.unit_ms)]) for d in problem.devices]
+    cap_bound = _capacity_bound(problem, objective)
+    canon = _canonical(groups, src)
+    class_bound = ClassBound(problem, objective, cap_ms, np.array(memcap), *minima).bound
     heap: list = []
     seen: dict = {}
     counter = 0
@@ -208,8 +222,8 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
         if expanded > max_states:
             best = f"{incumbent[0]:.6g}" if incumbent else "none found"
             raise KitError(f"relay search gave up after {max_states} states (exact relay planning is exponential "
-                           f"in the worst case): the relay optimum is at least {f + step:.6g} ms (best plan: "
-                           f"{best}); plan without --relay")
+                           f"in the worst case): the relay optimum is at least {max(f, floor) + step:.6g} ms "
+                           f"(best plan: {best}); plan without --relay")
         cands = [d for d in range(M) if nst[d] and d != last]
         cands += [next(d for d in g_ if not nst[d]) for g_ in groups if any(not nst[d] for d in g_)]
         nbytes = problem.units[u - 1].out_bytes
@@ -234,6 +248,28 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
                     break  # longer stages only cost more
                 push(e, d, mem[:d] + (m,) + mem[d + 1:], new_loads, new_links, new_nst, g2, stages + ((d, u, e),))
     return incumbent
+
+
+def _by_packing(problem: Problem, cap_ms: float, groups: list[list[int]], minima, memcap, incumbent,
+                max_states: int, transfer):
+    """Throughput: ("optimal", incumbent or (value, stages) or None) when the packing relaxation (relay_packing.py)
+    proves the optimum, else ("open", lower bound, a better plan (value, stages) or None) for the A* search."""
+    min_in, min_out, _ = minima
+    theta = np.maximum(min_in[:, 1], min_out[:, 1])  # a device that gets units needs a way in and a way out
+    ret = min_out[:, -1].copy()
+    theta[theta > cap_ms + EPS_MS] = np.inf
+    ret[ret > cap_ms + EPS_MS] = np.inf
+    bound = incumbent[0] if incumbent else math.inf
+    pk = packing_optimum(problem, cap_ms, groups, theta, ret, memcap, bound, max_states)
+    if not pk.proved:
+        return "open", 0.0, None
+    if pk.value is None:  # no relay plan beats the incumbent (a one-stage plan sharing a tied tensor is the DP's)
+        return "optimal", incumbent
+    got = realize(problem, pk.assignment, cap_ms, memcap, transfer)
+    plan = None if got is None else (got[0], [Stage(problem.names[d], s, e) for d, s, e in got[1]])
+    if plan is not None and plan[0] <= pk.value * (1 + 1e-12) + EPS_MS:
+        return "optimal", plan  # it meets the relaxation's bound
+    return "open", min(pk.value, bound), plan  # (a one-stage plan sharing a tied tensor is at least `bound`)
 
 
 def _capacity_bound(problem: Problem, objective: str):
