@@ -1,6 +1,8 @@
 """`edgeshard generate --testbed`: plan (given or solved) for the real prompts, deploy, generate, tear down;
 the same checks, chat and stop-at-EOS behaviour as `generate` on this host."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -11,6 +13,7 @@ import uuid
 import psutil
 import pytest
 
+from edgeshard_kit.cli.main import main
 from edgeshard_kit.model.generate import generate_split
 from edgeshard_kit.planning.plan import Plan, save_plan
 from edgeshard_kit.core.units import Stage
@@ -50,6 +53,18 @@ def _run(*args, input=None):
     workers = [p for p in psutil.process_iter() if _ours(p, mark)]
     assert not workers, "generate left a worker process running"
     return out
+
+
+def _here(*args) -> subprocess.CompletedProcess:
+    """`edgeshard generate` on this host (no testbed), run in this process: the reference a testbed's run is
+    compared with (exit status, stdout, stderr as `_run` gives them; a process start less per comparison)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            rc = main(["generate", *map(str, args)])
+        except SystemExit as e:  # argparse's own refusals
+            rc = e.code
+    return subprocess.CompletedProcess(["edgeshard", "generate", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
 def _json(out) -> dict:
@@ -120,7 +135,7 @@ def test_sampling_is_checked_as_on_this_host(four):
     ck, tb, d = four
     plan = _plan_file(d, "ok.json", ("e0", 0, 3), ("e1", 3, 6))
     for bad in (["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "-1"]):
-        local = _refused(_run("--model", ck, "--prompt", "hello", *bad))
+        local = _refused(_here("--model", ck, "--prompt", "hello", *bad))
         remote = _refused(_run("--model", ck, "--prompt", "hello", *bad, "--testbed", tb, "--plan", plan))
         assert remote == local
 
@@ -129,7 +144,7 @@ def test_whitespace_prompts_as_on_this_host(four):
     ck, tb, d = four
     plan = _plan_file(d, "ok.json", ("e0", 0, 3), ("e1", 3, 6))
     args = ["--prompt", " \t ", "--prompt", "", "--max-new-tokens", 3, "--json"]
-    local = _run("--model", ck, *args)
+    local = _here("--model", ck, *args)
     remote = _run("--model", ck, *args, "--testbed", tb, "--plan", plan)
     assert remote.returncode == local.returncode, (local.stderr, remote.stderr)
     if local.returncode:
@@ -140,8 +155,8 @@ def test_whitespace_prompts_as_on_this_host(four):
 
 def test_chat_needs_text_prompts(four):
     ck, tb, d = four
-    for extra in ([], ["--testbed", tb]):
-        assert "--chat" in _refused(_run("--model", ck, "--prompt-ids", "1,2", "--chat", *extra))
+    assert "--chat" in _refused(_here("--model", ck, "--prompt-ids", "1,2", "--chat"))
+    assert "--chat" in _refused(_run("--model", ck, "--prompt-ids", "1,2", "--chat", "--testbed", tb))
 
 
 def test_plans_for_the_real_prompt_length(setup, tmp_path):
@@ -180,7 +195,7 @@ def test_chat_and_stop_at_eos_on_a_testbed_equal_this_host(four, tmp_path):
     for flags, extra in runs:
         key = " ".join(flags)
         if key not in local:
-            local[key] = _json(_run("--model", chat, *args, *flags))
+            local[key] = _json(_here("--model", chat, *args, *flags))
             if key == "--chat":  # rows ended: padded with 3, or all ended together
                 assert any(3 in row for row in local[key]["tokens"]) or len(local[key]["tokens"][0]) < 6
         remote = _json(_run("--model", chat, *args, *flags, "--testbed", tb, "--plan", plan, *extra))
