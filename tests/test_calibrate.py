@@ -35,6 +35,9 @@ def test_runtime_costs_round_trip_keeps_spread_and_remeasured():
     d = costs.to_dict()
     assert d["spread"] == {"a": [0.8, 1.3]} and d["remeasured"]["a"]["first_ms"] == 9.0
     assert RuntimeCosts.from_dict(d).stage_ms == {"a": 1.0}
+    full = RuntimeCosts({"a": 1.0}, 0.5, {"a": 0.9}, 0.4, [{"deployment": "x"}], "m", {"a": [0.8, 1.3]},
+                        {"a": {"first_ms": 9.0, "again_ms": 1.0}}, {"a": 0.9}, {"a": [0.8, 1.1]})
+    assert RuntimeCosts.from_dict(full.to_dict(records=True)) == full
 
 
 def _brute_force(one: float, two: float) -> tuple[float, float]:

@@ -202,7 +202,7 @@ def throttle_values(text: Any) -> list[Any]:
         out.append(mbps)
     if not out:
         raise KitError("--throttle-mbps: give one or more bandwidths (Mbps) or auto")
-    return out
+    return list(dict.fromkeys(out))  # each scenario once
 
 
 def bench_adaptive(model: str = "", high_mbps: float = 200.0, throttle_mbps: Any = "2,auto", tokens: int = 200,

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import signal
 import sys
+import threading
 
 from edgeshard_kit import __version__
 from edgeshard_kit.core.errors import KitError
@@ -58,6 +60,15 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread so that every `with`/`finally` on the way out runs (workers stopped,
+    an emulated testbed the command brought up taken down) before the command exits with 143."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; the kit's own errors (and file errors) print one line and exit 2."""
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -67,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 2
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if main_thread else None
     try:
         rc = func(args)
     except (KitError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
@@ -79,9 +92,13 @@ def main(argv: list[str] | None = None) -> int:
         if results is not None:
             results.fail_open_runs(msg)
         return 2
-    except KeyboardInterrupt:
-        print("edgeshard: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        term = isinstance(e, Terminated)
+        print(f"edgeshard: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+        return 143 if term else 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return int(rc or 0)
 
 

@@ -205,7 +205,7 @@ def build_problem(profiles: dict[str, Profile], testbed: Testbed, workload: Work
     meta = {"model": ref.model, "workload": workload.to_dict(), "returns": returns, "testbed": testbed.name,
             "profiles": {k: p.model for k, p in profiles.items()}}
     if runtime:
-        meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms, "compute_scale": scale}
+        meta["runtime_overheads"] = {"stage_ms": stage_ms, "step_ms": step_ms, **({"compute_scale": scale} if scale else {})}
     if links is not None:
         meta["link_model"] = links.to_dict()
     # tied embeddings: the head's bytes include unit 0's tensor, held once by a device that has both

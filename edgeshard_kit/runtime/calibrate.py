@@ -80,6 +80,8 @@ class RuntimeCosts:
             return cls({str(k): float(v) for k, v in d["stage_ms"].items()}, float(d["step_ms"]),
                        {str(k): float(v) for k, v in raw.get("stage_ms", d["stage_ms"]).items()},
                        float(raw.get("step_ms", d["step_ms"])), list(d.get("records", [])), str(d.get("method", "")),
+                       spread={str(k): [float(x) for x in v] for k, v in (d.get("spread") or {}).items()},
+                       remeasured={str(k): dict(v) for k, v in (d.get("remeasured") or {}).items()},
                        compute_scale={str(k): float(v) for k, v in (d.get("compute_scale") or {}).items()},
                        compute_spread={str(k): [float(x) for x in v] for k, v in (d.get("compute_spread") or {}).items()})
         except (KeyError, TypeError, ValueError, AttributeError) as e:
