@@ -22,6 +22,11 @@ from edgeshard_kit.planning.problem import EPS_MS, Problem
 from edgeshard_kit.planning.relay_bounds import ClassBound, transfer_minima
 from edgeshard_kit.planning.relay_packing import packing_optimum, realize
 
+# The packing relaxation is off: on a random 6-unit, 2-device problem of tests/test_plan_bruteforce.py it settled
+# a throughput relay plan of 7.02 ms where brute force finds 6.74 ms, so its bound is not valid in every case.
+# Until that is found, the relay search is the A* search alone (exact; it gives up on the paper's 7B throughput).
+USE_PACKING = False
+
 
 def _link_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray]:
     """(latency_ms, mbps) of every directed link as (M, M) arrays; the diagonal is unused."""
@@ -148,7 +153,7 @@ def relay_search(problem: Problem, objective: str, cap_ms: float, max_states: in
         return float(link_lat[a, b] + (0.0 if math.isinf(mb) else nbytes * 8.0 / (mb * 1000.0)))
 
     floor = 0.0  # a lower bound on the optimum, proved by the packing relaxation
-    if not lat:
+    if not lat and USE_PACKING:
         packed = _by_packing(problem, cap_ms, groups, minima, memcap, incumbent, max_states, transfer)
         if packed[0] == "optimal":
             return packed[1]
