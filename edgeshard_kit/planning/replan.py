@@ -66,7 +66,7 @@ def with_measured_link(problem: Problem, src: str, dst: str, mbps: float, scope:
     problem = with_link_mbps(problem, src, dst, mbps)
     if scope == "link":
         return problem
-    source = next(d.name for d in problem.devices if d.source)
+    source = problem.names[problem.source]
     ends = {src, dst} - {source} or {src, dst}
     for a in problem.names:
         for b in problem.names:

@@ -139,20 +139,16 @@ def compute_scales(plans: dict[str, Plan], computes: dict[str, list[list[float]]
     the two differ (measured: SmolLM2's cloud stage profiled at 195 ms and run at 125 ms an hour later, the
     memory bandwidth of the same device 1.8 and 3.9 GB/s at two times), which no fixed cost explains.
     """
-    per: dict[str, list[list[tuple[float, float]]]] = {}
+    per: dict[str, dict[int, list[tuple[float, float]]]] = {}  # type -> window -> (profiled, measured) per stage
     for label, plan in plans.items():
         for w, stages in enumerate(computes[label]):
             for st, pred, meas in zip(plan.stages, plan.stage_compute_ms, stages):
                 if pred >= min_ms and meas == meas:
-                    rows = per.setdefault(types[st.device], [])
-                    while len(rows) <= w:
-                        rows.append([])
-                    rows[w].append((pred, meas))
+                    per.setdefault(types[st.device], {}).setdefault(w, []).append((pred, meas))
     scale, spread = {}, {}
-    for t, rows in per.items():
-        ratios = [sum(m for _, m in r) / sum(p for p, _ in r) for r in rows if r]
-        if ratios:
-            scale[t], spread[t] = statistics.median(ratios), [min(ratios), max(ratios)]
+    for t, windows in per.items():
+        ratios = [sum(m for _, m in r) / sum(p for p, _ in r) for r in windows.values()]
+        scale[t], spread[t] = statistics.median(ratios), [min(ratios), max(ratios)]
     return scale, spread
 
 
