@@ -3,6 +3,7 @@
 import json
 import os
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -319,11 +320,34 @@ def test_worker_without_a_coordinator_exits(start):
 def test_stopped_worker_leaves_no_token_or_log_file(tmp_path):
     h = LocalLauncher(log_dir=str(tmp_path)).start(Device(name="w0", type="cpu", memory_bytes=1 << 30), new_token())
     token_file, log_file = h.token_file, h.log_path
-    assert Path(token_file).exists() and Path(log_file).exists()
+    assert not Path(token_file).exists()  # read and removed by the worker before it listens
+    assert Path(log_file).exists()
     h.stop()
     assert not h.alive()
-    assert not Path(token_file).exists()
     assert not Path(log_file).exists()
+
+
+def test_no_token_file_outlives_a_killed_coordinator(tmp_path):
+    """The coordinator SIGKILLed right after its workers listen: no `finally` of it runs, and still no file
+    holding the deployment token is left behind (the worker removed it once read)."""
+    script = ("import sys; from edgeshard_kit.runtime.launchers import LocalLauncher;"
+              "from edgeshard_kit.runtime.protocol import new_token; from edgeshard_kit.testbed.inventory import Device;"
+              f"h = LocalLauncher(log_dir={str(tmp_path)!r}).start(Device(name='w0', type='cpu', memory_bytes=1 << 30),"
+              " new_token()); print(h.token_file, h.proc.pid, flush=True); import time; time.sleep(60)")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        token_file, pid = proc.stdout.readline().split()
+        proc.kill()
+        proc.wait(10)
+        assert Path(token_file).parent == tmp_path and not Path(token_file).exists()
+        assert not list(tmp_path.glob("edgeshard-token-*"))
+    finally:
+        proc.kill()
+        try:
+            os.kill(int(pid), signal.SIGKILL)
+        except (OSError, UnboundLocalError, ValueError):
+            pass
 
 
 def test_worker_exits_when_its_control_connection_is_gone(start):

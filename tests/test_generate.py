@@ -161,9 +161,13 @@ def test_cli_generate_json_and_text(ckpt):
     assert {"tokens", "text", "per_token_ms", "prefill_ms", "split"} <= d.keys()
     assert d["tokens"] == generate_split(ckpt, None, prompt_ids=[1, 2, 3], max_new_tokens=4).tokens
     assert d["split"] == [[0, 2], [2, 3], [3, 5]]
-    r = _cli("generate", "--model", str(ckpt), "--prompt", "Edge devices", "--max-new-tokens", "3")
-    assert r.returncode == 0, r.stderr
-    assert "per token median" in r.stdout
+
+
+def test_cli_generate_text(ckpt, capsys):
+    from edgeshard_kit.cli.main import main
+
+    assert main(["generate", "--model", str(ckpt), "--prompt", "Edge devices", "--max-new-tokens", "3"]) == 0
+    assert "per token median" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
@@ -191,8 +195,14 @@ def test_cli_bad_input_subprocess(ckpt, tmp_path):
     r = _cli("generate", "--model", str(ckpt), "--split", "0:2,3:5", "--prompt-ids", "1,2")
     assert r.returncode == 2 and "not covered" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
-    r = _cli("generate", "--model", str(tmp_path / "missing"), "--prompt", "hi")
-    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cli_missing_model(tmp_path, capsys):
+    from edgeshard_kit.cli.main import main
+
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_checkpoint(tmp_path, capsys):

@@ -122,6 +122,51 @@ def test_session_brings_a_testbed_up_for_a_block_and_leaves_one_that_was_up(tb, 
     assert netns.unavailable() is None
 
 
+def _ssh_true(state, dev: str) -> subprocess.CompletedProcess:
+    """OpenSSH's own client, by the testbed's ssh_config: the reference for "this device's sshd answers"."""
+    return subprocess.run(["ssh", "-F", state.ssh_config, "-o", "ConnectTimeout=10", dev, "true"],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_a_leftover_state_is_brought_up_again_and_a_half_running_testbed_repaired(tmp_path):
+    """state.json of a testbed that no longer runs (the host restarted, or the run that brought it up was killed:
+    its sshd gone, its namespaces gone) is not "up": a session brings it up again, takes it down after; a testbed
+    with one sshd killed is repaired in place and left up. OpenSSH's client says whether each device answers."""
+    data = {**TESTBED, "name": "esleft", "emulation": {"mode": "netns", "subnet": "10.78.35.0/24"},
+            "devices": [{k: v for k, v in d.items() if k != "address"} for d in TESTBED["devices"][:2]],
+            "links": {"default": {"mbps": 100, "latency_ms": 0.0}}}
+    path = tmp_path / "esleft.yaml"
+    path.write_text(yaml.safe_dump(data))
+    left = load_testbed(path)
+    netns.testbed_down(left)
+    try:
+        netns.testbed_up(left)
+        state = netns.load_state(left)
+        from edgeshard_kit.testbed import sshd
+        sshd.kill_pids(sshd.kit_sshd_pids(Path(state.state_dir)))  # what a restart leaves: state.json only
+        for ns in state.namespaces.values():
+            subprocess.run(["ip", "netns", "del", ns], check=True)
+        assert netns.not_running(left, state) is not None and netns.load_state(left) is not None
+        with pytest.raises(KitError, match="esleft is not running .*testbed up"):
+            netns.reshape(left)
+        with netns.session(left):
+            for dev in left.names:
+                out = _ssh_true(netns.load_state(left), dev)
+                assert out.returncode == 0, out.stderr
+        assert _leftovers(left) == []  # the leftover became this session's testbed: down after it
+        netns.testbed_up(left)
+        state = netns.load_state(left)
+        sshd.kill_pids([state.sshd_pids["b"]])  # one device's sshd killed under a running testbed
+        assert _ssh_true(state, "b").returncode != 0
+        assert netns.acquire(left) is False  # repaired, still its owner's
+        assert netns.not_running(left, netns.load_state(left)) is None
+        out = _ssh_true(netns.load_state(left), "b")
+        assert out.returncode == 0, out.stderr
+    finally:
+        netns.testbed_down(left)
+    assert _leftovers(left) == []
+
+
 def test_namespaces_have_addresses_and_no_way_out(tb):
     for dev, addr in netns.addresses(tb).items():
         ns = netns.namespace_name(tb, dev)

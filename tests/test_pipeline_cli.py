@@ -67,6 +67,23 @@ def _here(*args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["edgeshard", "generate", *map(str, args)], rc, out.getvalue(), err.getvalue())
 
 
+def _here_on_testbed(*args) -> subprocess.CompletedProcess:
+    """`edgeshard generate --testbed ...` run in this process (`_here`): for the checks and refusals, where the
+    process boundary is not what is tested (`_run` covers that); no worker it started may outlive it."""
+    out = _here(*args)
+    left = [p for p in psutil.Process().children(recursive=True) if _is_worker(p)]
+    assert not left, "generate left a worker process running"
+    return out
+
+
+def _is_worker(p: psutil.Process) -> bool:
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE and \
+            "edgeshard_kit.runtime.worker" in " ".join(p.cmdline())
+    except psutil.Error:
+        return False
+
+
 def _json(out) -> dict:
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
@@ -104,7 +121,7 @@ def test_generate_plans_itself_and_prints_the_prediction(setup):
 
 def test_generate_bad_plan_exits_2(setup):
     ck, tb, d = setup
-    out = _run("--model", ck, "--prompt", "x", "--testbed", tb, "--plan", d / "missing.json")
+    out = _here_on_testbed("--model", ck, "--prompt", "x", "--testbed", tb, "--plan", d / "missing.json")
     assert out.returncode == 2 and "missing.json" in out.stderr and "Traceback" not in out.stderr
 
 
@@ -127,7 +144,8 @@ def four(tmp_path_factory, tiny_checkpoint_factory):
 def test_generate_refuses_a_bad_plan_before_deploying(four, stages, words):
     ck, tb, d = four
     plan = _plan_file(d, f"bad-{words.replace(' ', '_')}.json", *stages)
-    err = _refused(_run("--model", ck, "--prompt", "hello", "--max-new-tokens", 2, "--testbed", tb, "--plan", plan))
+    err = _refused(_here_on_testbed("--model", ck, "--prompt", "hello", "--max-new-tokens", 2, "--testbed", tb,
+                                    "--plan", plan))
     assert words in err and "plan" in err
 
 
@@ -136,7 +154,7 @@ def test_sampling_is_checked_as_on_this_host(four):
     plan = _plan_file(d, "ok.json", ("e0", 0, 3), ("e1", 3, 6))
     for bad in (["--top-p", "0"], ["--top-p", "1.5"], ["--temperature", "-1"]):
         local = _refused(_here("--model", ck, "--prompt", "hello", *bad))
-        remote = _refused(_run("--model", ck, "--prompt", "hello", *bad, "--testbed", tb, "--plan", plan))
+        remote = _refused(_here_on_testbed("--model", ck, "--prompt", "hello", *bad, "--testbed", tb, "--plan", plan))
         assert remote == local
 
 
@@ -145,7 +163,7 @@ def test_whitespace_prompts_as_on_this_host(four):
     plan = _plan_file(d, "ok.json", ("e0", 0, 3), ("e1", 3, 6))
     args = ["--prompt", " \t ", "--prompt", "", "--max-new-tokens", 3, "--json"]
     local = _here("--model", ck, *args)
-    remote = _run("--model", ck, *args, "--testbed", tb, "--plan", plan)
+    remote = _here_on_testbed("--model", ck, *args, "--testbed", tb, "--plan", plan)
     assert remote.returncode == local.returncode, (local.stderr, remote.stderr)
     if local.returncode:
         assert _refused(remote) == _refused(local)
@@ -156,7 +174,7 @@ def test_whitespace_prompts_as_on_this_host(four):
 def test_chat_needs_text_prompts(four):
     ck, tb, d = four
     assert "--chat" in _refused(_here("--model", ck, "--prompt-ids", "1,2", "--chat"))
-    assert "--chat" in _refused(_run("--model", ck, "--prompt-ids", "1,2", "--chat", "--testbed", tb))
+    assert "--chat" in _refused(_here_on_testbed("--model", ck, "--prompt-ids", "1,2", "--chat", "--testbed", tb))
 
 
 def test_plans_for_the_real_prompt_length(setup, tmp_path):
@@ -165,9 +183,9 @@ def test_plans_for_the_real_prompt_length(setup, tmp_path):
     tb = tmp_path / "small.yaml"
     tb.write_text(TESTBED.replace("memory: 1GiB", "memory: 600KiB"))  # the 0.46 MB model fits, 1.4 MB of KV does not
     long = "a" + " a" * 2799  # 2,801 tokens with <s>
-    err = _refused(_run("--model", ck, "--prompt", long, "--max-new-tokens", 4, "--testbed", tb))
+    err = _refused(_here_on_testbed("--model", ck, "--prompt", long, "--max-new-tokens", 4, "--testbed", tb))
     assert "infeasible" in err
-    res = _json(_run("--model", ck, "--prompt", "a a a", "--max-new-tokens", 4, "--testbed", tb, "--json"))
+    res = _json(_here_on_testbed("--model", ck, "--prompt", "a a a", "--max-new-tokens", 4, "--testbed", tb, "--json"))
     assert res["tokens"] == generate_split(ck, prompts=["a a a"], max_new_tokens=4).tokens
 
 
@@ -198,5 +216,6 @@ def test_chat_and_stop_at_eos_on_a_testbed_equal_this_host(four, tmp_path):
             local[key] = _json(_here("--model", chat, *args, *flags))
             if key == "--chat":  # rows ended: padded with 3, or all ended together
                 assert any(3 in row for row in local[key]["tokens"]) or len(local[key]["tokens"][0]) < 6
-        remote = _json(_run("--model", chat, *args, *flags, "--testbed", tb, "--plan", plan, *extra))
+        run = _run if key == "--chat" else _here_on_testbed  # one through a process of its own, one in this one
+        remote = _json(run("--model", chat, *args, *flags, "--testbed", tb, "--plan", plan, *extra))
         assert remote["tokens"] == local[key]["tokens"] and remote["text"] == local[key]["text"], (flags, extra)

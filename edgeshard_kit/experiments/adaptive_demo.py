@@ -83,19 +83,22 @@ class AdaptiveDemo:
         self.tokens, self.switch_at = max_new_tokens, switch_at
         base = adaptive_testbed(checkpoint) if self.live else bench_testbed(checkpoint, cloud_mbps)
         self.testbed = with_cloud_mbps(base, cloud_mbps)
-        self.mine = self.live and netns.load_state(self.testbed) is None  # brought up here: taken down by close()
-        if self.live:
-            netns.testbed_up(self.testbed) if self.mine else netns.reshape(self.testbed)
-        self.workload = Workload(prompt_len=prompt_len, gen_tokens=max_new_tokens)
-        self.profiles = steps.profile_testbed(checkpoint, self.testbed, repeats=profile_repeats,
-                                              prompt_len=prompt_len, kv_lens=f"{prompt_len},{prompt_len + 8}", run=run)
-        self.problem = problem_at(self.profiles, self.testbed, cloud_mbps, self.workload)
-        self.plan = solve_objective(self.problem, "latency")
-        self.decision = decide(problem_at(self.profiles, self.testbed, throttle_mbps, self.workload),
-                               self.plan.stages, "latency")
-        self.ids, self.mask = prompt_ids(checkpoint, 1, prompt_len)
-        self.records: list[dict] = []
         self.result, self.error, self.thread, self.dep, self.out = None, None, None, None, None
+        self.mine = self.live and netns.acquire(self.testbed)  # brought up here: taken down by close()
+        self.workload = Workload(prompt_len=prompt_len, gen_tokens=max_new_tokens)
+        try:
+            self.profiles = steps.profile_testbed(checkpoint, self.testbed, repeats=profile_repeats,
+                                                  prompt_len=prompt_len, kv_lens=f"{prompt_len},{prompt_len + 8}",
+                                                  run=run)
+            self.problem = problem_at(self.profiles, self.testbed, cloud_mbps, self.workload)
+            self.plan = solve_objective(self.problem, "latency")
+            self.decision = decide(problem_at(self.profiles, self.testbed, throttle_mbps, self.workload),
+                                   self.plan.stages, "latency")
+            self.ids, self.mask = prompt_ids(checkpoint, 1, prompt_len)
+        except BaseException:  # a failed (or interrupted) start leaves no testbed behind
+            self.close()
+            raise
+        self.records: list[dict] = []
         self.shaped: list[dict] = []  # every throttle: {token, mbps}
 
     def summary(self) -> str:

@@ -404,6 +404,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """Serve until the coordinator is done."""
     token = read_token_file(args.token_file)
+    try:  # the token lives on disk only until the worker holds it: nothing is left if the coordinator is killed
+        os.unlink(args.token_file)
+    except OSError:
+        pass
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     Worker(token, args.bind, args.port, handshake_s=args.handshake_timeout, max_pending=args.max_pending,
            idle_exit_s=args.idle_exit).serve()

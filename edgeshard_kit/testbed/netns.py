@@ -23,8 +23,8 @@ from edgeshard_kit.testbed.nsnet import (PREFIX, addresses, bridge_address, brid
 
 # Re-exported: netns.addresses, .bridge_address, .bridge_name, .inner_address, .namespace_name, .veth_name.
 __all__ = ["TestbedState", "testbed_up", "testbed_down", "testbed_status", "reshape", "session", "unavailable",
-           "load_state", "state_root", "resolve_ssh", "launch_opts", "addresses", "bridge_address", "bridge_name",
-           "inner_address", "namespace_name", "veth_name"]
+           "load_state", "acquire", "not_running", "state_root", "resolve_ssh", "launch_opts", "addresses",
+           "bridge_address", "bridge_name", "inner_address", "namespace_name", "veth_name"]
 
 
 def state_root() -> Path:
@@ -164,6 +164,10 @@ def reshape(tb: Testbed) -> None:
     if missing:
         raise KitError(f"{tb.path or tb.name}: device {missing[0]} is not in the testbed that is up (the inventory "
                        f"was edited): run `edgeshard testbed down` and `up` again")
+    why = not_running(tb, state)
+    if why:
+        raise KitError(f"testbed {tb.name} is not running ({why}: the host restarted, or the run that brought it "
+                       f"up was killed): run `edgeshard testbed up {tb.path or tb.name}` (as root)")
     for dev in tb.devices:
         shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
@@ -190,16 +194,45 @@ def session(tb: Testbed):
     if tb.emulation != "netns":
         yield tb
         return
-    mine = load_state(tb) is None
-    if mine:
-        testbed_up(tb)
-    else:
-        reshape(tb)  # the file's rates, whatever an earlier sweep left
+    mine = acquire(tb)
     try:
         yield tb
     finally:
         if mine:
             testbed_down(tb)
+
+
+def acquire(tb: Testbed) -> bool:
+    """Make sure the netns testbed `tb` runs, with the file's link rates; True when this call brought it up (the
+    caller then takes it down), False when it was up already (its owner takes it down).
+
+    A state.json whose testbed no longer runs (no sshd of it alive: the host restarted, or the run that brought it
+    up was killed) is a leftover: the testbed is brought up again and counts as this call's. One that runs with a
+    part missing (a namespace deleted, an sshd killed) is repaired in place (`testbed_up` is idempotent).
+    """
+    state = load_state(tb)
+    if state is None or not sshd.kit_sshd_pids(Path(state.state_dir)):
+        testbed_up(tb)
+        return True
+    if not_running(tb, state):
+        testbed_up(tb)  # restarts what is gone and re-applies the rates
+    else:
+        reshape(tb)  # the file's rates, whatever an earlier sweep left
+    return False
+
+
+def not_running(tb: Testbed, state: TestbedState) -> str | None:
+    """What of a testbed with saved state is not running (a device's namespace or sshd), or None when all is."""
+    existing = _netns_list()
+    for dev in tb.devices:
+        ns = state.namespaces.get(dev.name)
+        if ns is None:
+            return f"device {dev.name} is not in the testbed that is up"
+        if ns not in existing:
+            return f"namespace {ns} of device {dev.name} is gone"
+        if sshd.sshd_pid(Path(state.state_dir), dev.name) is None:
+            return f"the sshd of device {dev.name} is not running"
+    return None
 
 
 def load_state(tb: Testbed) -> TestbedState | None:
