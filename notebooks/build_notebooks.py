@@ -385,6 +385,7 @@ throttle_mbps = 0.2                # the cloud links after the throttle (the pla
 max_new_tokens = 80
 switch_at = 25                     # headless runs: the scripted throttle (or forced switch) after this many tokens
 repeats = 3                        # profiling repeats
+parallel_profile = False           # True: the device types profiled at once (faster; emulated, they share memory bandwidth)
 out_dir = ""
 results_root = "../results"
 """),
@@ -395,7 +396,7 @@ plots.notebook_renderer()
 run = results.new_run("06_adaptive", steps.params_of(globals()), root=results_root, out=out_dir or None)
 checkpoint = steps.checkpoint_for(model_path, run.path, layers=tiny_layers, hidden=tiny_hidden)
 demo = adaptive_demo.AdaptiveDemo(checkpoint, testbed, cloud_mbps, throttle_mbps, max_new_tokens, switch_at,
-                                  profile_repeats=repeats, run=run)
+                                  profile_repeats=repeats, run=run, parallel_profile=parallel_profile or None)
 print(demo.summary())
 """),
         ("md", """

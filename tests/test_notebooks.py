@@ -75,7 +75,7 @@ SMALL = {
     "03": {"max_new_tokens": 4, "chat": False, "prompt": "The edge devices share the model"},
     "04": {"cloud_mbps": "5,500", "prompt_len": 8, "max_new_tokens": 3, "micro_batches": 2, "repeats": 1},
     "05": {"models": "llama2-7b,llama2-70b", "cloud_mbps": "10,100"},
-    "06": {"max_new_tokens": 16, "switch_at": 6},
+    "06": {"max_new_tokens": 16, "switch_at": 6, "parallel_profile": True},
 }
 # Notebook 06 (the emulated testbed when root) waits mostly on its devices' CPU quotas and on SSH, 04 on starting
 # worker processes: each runs through the command line (`edgeshard run-notebooks --only`, its own results folder)

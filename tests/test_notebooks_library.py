@@ -234,3 +234,37 @@ def test_demo_honours_model(tiny_checkpoint, tmp_path, monkeypatch):
     assert main(["demo", "--model", str(tiny_checkpoint), "--root", str(tmp_path)]) == 130
     assert seen["cli"].model_path == str(tiny_checkpoint)
     assert main(["demo", "--root", str(tmp_path)]) == 130 and seen["cli"].model_path == ""
+
+
+def test_profile_testbed_measures_remote_device_types_at_once_on_separate_machines(monkeypatch, tmp_path):
+    """On a testbed of separate machines the SSH devices' types are measured at once (every measurement has started
+    before any ends), on an emulated one one after another; each type's profile comes from its own device."""
+    import threading
+    import time
+
+    from types import SimpleNamespace
+
+    from edgeshard_kit.testbed.inventory import testbed_from_dict
+
+    devices = [{"name": f"d{i}", "type": f"kind{i}", "memory": "1GiB", "launch": "ssh", "host": f"h{i}",
+                **({"source": True} if i == 0 else {})} for i in range(3)]
+    running, overlap, lock = [0], [0], threading.Lock()
+
+    def fake_remote(testbed, dev, checkpoint, prompt_len, kvs, repeats, warmup):
+        with lock:
+            running[0] += 1
+            overlap[0] = max(overlap[0], running[0])
+        time.sleep(0.3)
+        with lock:
+            running[0] -= 1
+        return SimpleNamespace(device_type=dev.type, device=dev.name)  # what the SSH run's JSON would hold
+
+    monkeypatch.setattr(steps, "_remote_profile", fake_remote)
+    for emulation, want in (({"mode": "app"}, 3), ({"mode": "netns", "subnet": "10.78.50.0/24"}, 1)):
+        tb = testbed_from_dict({"name": "par", "devices": devices, "links": {"default": {"mbps": 100}},
+                                "emulation": emulation}, "test")
+        overlap[0] = 0
+        got = steps.profile_testbed(tmp_path, tb)
+        assert overlap[0] == want, emulation
+        assert list(got) == ["kind0", "kind1", "kind2"]
+        assert [p.device for p in got.values()] == ["d0", "d1", "d2"]

@@ -65,12 +65,13 @@ class AdaptiveDemo:
 
     `kind`: "auto" (emulated when this host can: root, sshd, cgroup v1; else local), "emulated" or "local".
     On the local testbed the links cannot change under running workers: a forced switch after `switch_at` tokens
-    moves to the optimum at `throttle_mbps` instead (`live` is False).
+    moves to the optimum at `throttle_mbps` instead (`live` is False). `parallel_profile`: steps.profile_testbed's
+    `parallel` (None: one device type after another on the emulated testbed).
     """
 
     def __init__(self, checkpoint: str | Path, kind: str = "auto", cloud_mbps: float = 200.0,
                  throttle_mbps: float = 0.2, max_new_tokens: int = 60, switch_at: int = 20, prompt_len: int = 16,
-                 profile_repeats: int = 3, run: Any = None):
+                 profile_repeats: int = 3, run: Any = None, parallel_profile: bool | None = None):
         if kind not in TESTBED_KINDS:
             raise KitError(f"testbed: {kind!r} is not one of {', '.join(TESTBED_KINDS)}")
         if not 0 < switch_at < max_new_tokens:
@@ -89,7 +90,7 @@ class AdaptiveDemo:
         try:
             self.profiles = steps.profile_testbed(checkpoint, self.testbed, repeats=profile_repeats,
                                                   prompt_len=prompt_len, kv_lens=f"{prompt_len},{prompt_len + 8}",
-                                                  run=run)
+                                                  run=run, parallel=parallel_profile)
             self.problem = problem_at(self.profiles, self.testbed, cloud_mbps, self.workload)
             self.plan = solve_objective(self.problem, "latency")
             self.decision = decide(problem_at(self.profiles, self.testbed, throttle_mbps, self.workload),

@@ -9,6 +9,8 @@ A model is named the same way everywhere (notebooks' `model_path`, `BenchmarkCon
 from __future__ import annotations
 
 import math
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -93,26 +95,46 @@ def _remote_profile(testbed, dev, checkpoint: str | Path, prompt_len: int, kvs: 
 
 
 def profile_testbed(checkpoint: str | Path, testbed, repeats: int = 5, prompt_len: int = 16,
-                    kv_lens: Any = "16,32", warmup: int = 1, run=None) -> dict:
+                    kv_lens: Any = "16,32", warmup: int = 1, run=None, parallel: bool | None = None) -> dict:
     """One measured Profile per device type, on a device of that type (locally, or over SSH); devices of a type
-    already measured share its profile (one measurement per type). A tqdm bar counts the device types."""
+    already measured share its profile (one measurement per type). A tqdm bar counts the device types.
+
+    `parallel`: measure the SSH devices' types at once, each on its own device. None (default): at once on a
+    testbed of separate machines (emulation mode app), one after another on an emulated testbed, whose devices
+    share this host's memory bandwidth (a profile taken beside another would read slower than the device
+    runs alone). Devices launched here (`launch: local`) are measured one after another in this process.
+    """
     from tqdm.auto import tqdm
 
     kvs = parse_kv_lens(kv_lens)
-    out = {}
     firsts = [dev for i, dev in enumerate(testbed.devices) if dev.type not in {d.type for d in testbed.devices[:i]}]
-    bar = tqdm(firsts, desc="profile device types", unit="type", leave=False, disable=None)
-    for dev in bar:
-        bar.set_postfix_str(f"{dev.type} on {dev.name}")
+    parallel = testbed.emulation != "netns" if parallel is None else parallel
+    remote = [dev for dev in firsts if dev.launch != "local"]
+    bar = tqdm(total=len(firsts), desc="profile device types", unit="type", leave=False, disable=None)
+
+    def measure(dev) -> Profile:
         if dev.launch == "local":
-            prof = measure_profile(checkpoint, prompt_len=prompt_len, kv_lens=kvs, repeats=repeats, warmup=warmup,
+            return measure_profile(checkpoint, prompt_len=prompt_len, kv_lens=kvs, repeats=repeats, warmup=warmup,
                                    device_type=dev.type, progress=False, threads=dev.threads() or 1)
-        else:
-            prof = _remote_profile(testbed, dev, checkpoint, prompt_len, kvs, repeats, warmup)
-        out[dev.type] = prof
-        if run is not None:
-            save_profile(prof, run.path / f"profile-{dev.type}.json")
+        return _remote_profile(testbed, dev, checkpoint, prompt_len, kvs, repeats, warmup)
+
+    got: dict[str, Profile] = {}
+    with ThreadPoolExecutor(max(1, len(remote))) if parallel and len(remote) > 1 else nullcontext() as pool:
+        futures = {dev.type: pool.submit(measure, dev) for dev in remote} if pool else {}
+        for dev in firsts:
+            if dev.type in futures:
+                continue
+            bar.set_postfix_str(f"{dev.type} on {dev.name}")
+            got[dev.type] = measure(dev)
+            bar.update()
+        for dev_type, fut in futures.items():  # a failure names its device (KitError from the SSH launcher)
+            got[dev_type] = fut.result()
+            bar.update()
+    bar.close()
+    out = {dev.type: got[dev.type] for dev in firsts}
     if run is not None:
+        for dev_type, prof in out.items():
+            save_profile(prof, run.path / f"profile-{dev_type}.json")
         run.record(profiles={t: f"profile-{t}.json" for t in out})
     return out
 
