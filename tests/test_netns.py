@@ -147,8 +147,10 @@ def test_a_leftover_state_is_brought_up_again_and_a_half_running_testbed_repaire
         for ns in state.namespaces.values():
             subprocess.run(["ip", "netns", "del", ns], check=True)
         assert netns.not_running(left, state) is not None and netns.load_state(left) is not None
-        with pytest.raises(KitError, match="esleft is not running .*testbed up"):
+        with pytest.raises(KitError, match=f"esleft is not running .*`edgeshard testbed up {path}`"):
             netns.reshape(left)
+        with pytest.raises(KitError, match=r"not running .*`netns\.testbed_up\(tb\)` for this testbed built in Python"):
+            netns.reshape(testbed_from_dict(data, "esleft as built in code"))  # no file to name in the hint
         with netns.session(left):
             for dev in left.names:
                 out = _ssh_true(netns.load_state(left), dev)

@@ -85,7 +85,7 @@ def add_parsers(sub) -> None:
     results.set_defaults(func=lambda a: (results.print_help(), 2)[1])
 
     p = sub.add_parser("run-notebooks", help=COMMANDS["run-notebooks"][1])
-    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..05 per notebook; each is "
+    p.add_argument("--params", help="YAML: parameters for all notebooks, or under keys 01..06 per notebook; each is "
                                     "checked against the notebook's parameters cell before any runs; relative "
                                     "paths are taken from the current directory")
     p.add_argument("--out", help="results folder to write (default results/<utc-time>-notebooks)")

@@ -84,6 +84,14 @@ class _StateIn(FileModel):
     via: dict[str, Name] = {}
 
 
+def _cli_hint(tb: Testbed, verb: str) -> str:
+    """`edgeshard testbed <verb> FILE` when the testbed came from a file; else the Python call that does it (a
+    testbed built in code, e.g. notebook 06's, has no file to name)."""
+    if tb.path and Path(tb.path).is_file():
+        return f"`edgeshard testbed {verb} {tb.path}`"
+    return f"`netns.testbed_{verb}(tb)` for this testbed built in Python (from a file: `edgeshard testbed {verb} FILE`)"
+
+
 def _missing_tool() -> str | None:
     """The first command the emulated testbed needs that is not installed, or None."""
     return next((tool for tool in ("ip", "tc", "nsenter", "ssh-keygen") if shutil.which(tool) is None), None)
@@ -159,7 +167,7 @@ def reshape(tb: Testbed) -> None:
     _need_root("reshape")
     state = load_state(tb)
     if state is None:
-        raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
     missing = [d.name for d in tb.devices if d.name not in state.namespaces]
     if missing:
         raise KitError(f"{tb.path or tb.name}: device {missing[0]} is not in the testbed that is up (the inventory "
@@ -167,7 +175,7 @@ def reshape(tb: Testbed) -> None:
     why = not_running(tb, state)
     if why:
         raise KitError(f"testbed {tb.name} is not running ({why}: the host restarted, or the run that brought it "
-                       f"up was killed): run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+                       f"up was killed): run {_cli_hint(tb, 'up')} (as root)")
     for dev in tb.devices:
         shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
@@ -244,7 +252,7 @@ def load_state(tb: Testbed) -> TestbedState | None:
     try:
         return TestbedState.from_dict(read_json(p), str(p))
     except KitError as e:
-        raise KitError(f"{e} (testbed {tb.name}: run `edgeshard testbed down {tb.path or tb.name}`, then up)") from None
+        raise KitError(f"{e} (testbed {tb.name}: run {_cli_hint(tb, 'down')}, then up)") from None
 
 
 def _readable_state(tb: Testbed) -> TestbedState | None:
@@ -353,7 +361,7 @@ def resolve_ssh(tb: Testbed, device: str | Device) -> dict:
                 "python": dev.python}
     state = load_state(tb)
     if state is None or dev.name not in state.addresses:
-        raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
     return {"host": state.addresses[dev.name], "port": 22, "user": "root", "key": state.key,
             "known_hosts": state.known_hosts, "ssh_config": state.ssh_config, "alias": dev.name,
             "namespace": state.namespaces[dev.name], "python": _python(dev)}
@@ -368,7 +376,7 @@ def launch_opts(tb: Testbed) -> dict:
         return {}
     state = load_state(tb)
     if state is None:
-        raise KitError(f"testbed {tb.name} is not up: run `edgeshard testbed up {tb.path or tb.name}` (as root)")
+        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
     opts = {"ssh_config": state.ssh_config, "known_hosts": state.known_hosts}
     pythons = {_python(d) for d in tb.devices}
     if len(pythons) == 1:  # one interpreter for every device (launch opts are per launch kind, not per device)
