@@ -12,7 +12,7 @@ import psutil
 import pytest
 import yaml
 
-from edgeshard_kit.testbed import cgroups, netns
+from edgeshard_kit.testbed import cgroups, netns, sshd
 from edgeshard_kit.testbed.access import connect
 from edgeshard_kit.testbed.inventory import load_testbed, testbed_from_dict
 from edgeshard_kit.core.errors import KitError
@@ -106,12 +106,18 @@ def test_up_is_idempotent(tb):
     assert again.addresses == {"a": "10.78.31.10", "b": "10.78.31.11", "c": "10.78.31.20"}  # b: auto
 
 
-def test_session_brings_a_testbed_up_for_a_block_and_leaves_one_that_was_up(tb, tmp_path):
-    data = {**TESTBED, "name": "essess", "emulation": {"mode": "netns", "subnet": "10.78.33.0/24"},
+def _two_devices(tmp_path, name: str, subnet: str) -> tuple[dict, Path]:
+    """Devices a and b of TESTBED (addresses automatic) under another name and subnet, written as <name>.yaml."""
+    data = {**TESTBED, "name": name, "emulation": {"mode": "netns", "subnet": subnet},
             "devices": [{k: v for k, v in d.items() if k != "address"} for d in TESTBED["devices"][:2]],
             "links": {"default": {"mbps": 100, "latency_ms": 0.0}}}
-    path = tmp_path / "essess.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(data))
+    return data, path
+
+
+def test_session_brings_a_testbed_up_for_a_block_and_leaves_one_that_was_up(tb, tmp_path):
+    _, path = _two_devices(tmp_path, "essess", "10.78.33.0/24")
     fresh = load_testbed(path)
     with netns.session(fresh):
         assert netns.load_state(fresh) is not None and netns.launch_opts(fresh)["ssh"]["known_hosts"]
@@ -132,17 +138,12 @@ def test_a_leftover_state_is_brought_up_again_and_a_half_running_testbed_repaire
     """state.json of a testbed that no longer runs (the host restarted, or the run that brought it up was killed:
     its sshd gone, its namespaces gone) is not "up": a session brings it up again, takes it down after; a testbed
     with one sshd killed is repaired in place and left up. OpenSSH's client says whether each device answers."""
-    data = {**TESTBED, "name": "esleft", "emulation": {"mode": "netns", "subnet": "10.78.35.0/24"},
-            "devices": [{k: v for k, v in d.items() if k != "address"} for d in TESTBED["devices"][:2]],
-            "links": {"default": {"mbps": 100, "latency_ms": 0.0}}}
-    path = tmp_path / "esleft.yaml"
-    path.write_text(yaml.safe_dump(data))
+    data, path = _two_devices(tmp_path, "esleft", "10.78.35.0/24")
     left = load_testbed(path)
     netns.testbed_down(left)
     try:
         netns.testbed_up(left)
         state = netns.load_state(left)
-        from edgeshard_kit.testbed import sshd
         sshd.kill_pids(sshd.kit_sshd_pids(Path(state.state_dir)))  # what a restart leaves: state.json only
         for ns in state.namespaces.values():
             subprocess.run(["ip", "netns", "del", ns], check=True)

@@ -176,6 +176,11 @@ def reshape(tb: Testbed) -> None:
     if why:
         raise KitError(f"testbed {tb.name} is not running ({why}: the host restarted, or the run that brought it "
                        f"up was killed): run {_cli_hint(tb, 'up')} (as root)")
+    _apply_rates(tb, state)
+
+
+def _apply_rates(tb: Testbed, state: TestbedState) -> None:
+    """`tb`'s link rates on the namespace links of the running testbed `state` describes."""
     for dev in tb.devices:
         shape(tb, state.namespaces[dev.name], dev.name, state.addresses)
 
@@ -225,7 +230,7 @@ def acquire(tb: Testbed) -> bool:
     if not_running(tb, state):
         testbed_up(tb)  # restarts what is gone and re-applies the rates
     else:
-        reshape(tb)  # the file's rates, whatever an earlier sweep left
+        _apply_rates(tb, state)  # the file's rates, whatever an earlier sweep left
     return False
 
 
