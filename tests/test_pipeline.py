@@ -103,6 +103,38 @@ def test_token_ids_and_bad_arguments(two_workers, reference, ckpt):
         two_workers.generate(PROMPTS, 2, mode="parallel")
 
 
+def test_on_token_streams_every_token_and_stops_at_a_boundary(two_workers, reference):
+    """The hook sees each token as it arrives (reference: transformers' generate); True stops the run there."""
+    seen = []
+    r = two_workers.generate(PROMPTS, NEW, on_token=lambda rec, toks: seen.append((rec["step"], toks)))
+    assert [s for s, _ in seen] == list(range(NEW))
+    assert [list(col) for col in zip(*(toks for _, toks in seen))] == reference == r.tokens
+    r = two_workers.generate(PROMPTS, NEW, on_token=lambda rec, toks: rec["step"] == 2)
+    assert r.tokens == [row[:3] for row in reference]
+    assert two_workers.generate(PROMPTS, NEW).tokens == reference  # the deployment stays usable
+
+
+def test_interleaved_latency_compares_the_same_tokens(two_workers, ckpt):
+    """bench pipeline-latency's measurement: one-process decode steps run in the pipeline's hook decode the
+    same greedy tokens as the workers, and every decode step is paired."""
+    from transformers import LlamaForCausalLM
+
+    from edgeshard_kit.bench.pipeline import OneProcess, interleaved_latency
+    from edgeshard_kit.model.generate import build_stages
+
+    ids = [[5, 9, 17, 33]]
+    one = OneProcess(build_stages(ckpt, [(0, 6)]), len(ids[0]) + NEW)
+    rows = interleaved_latency(two_workers, one, ids, NEW, repeats=2)
+    model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ref = model.generate(input_ids=torch.tensor(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
+                         pad_token_id=0)[0, len(ids[0]):].tolist()
+    assert one.tokens == ref and len(one.ms) == NEW - 1
+    assert [r["same_tokens"] for r in rows] == [True, True]
+    assert all(r["ratio"] > 0 and r["paired_ratio"] > 0 and r["tokens"] == NEW for r in rows)
+    with pytest.raises(KitError, match="at least 2"):
+        interleaved_latency(two_workers, one, ids, 1, repeats=1)
+
+
 def test_records_are_dataframe_ready(two_workers):
     r = two_workers.generate(PROMPTS, 3, mode="pipelined", micro_batches=2)
     frames = r.frames()

@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from tqdm.auto import tqdm
 
+from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, n_units
 from edgeshard_kit.model.checkpoint import load_llama_config
-from edgeshard_kit.model.generate import build_stages, generate_split
+from edgeshard_kit.model.generate import build_stages, sample_next
 from edgeshard_kit.planning.build import build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
 from edgeshard_kit.planning.problem import without_fixed_costs
@@ -42,27 +44,77 @@ def half_plan(checkpoint: str | Path, devices: list[str]) -> Plan:
     return Plan("latency", (Stage(devices[0], 0, cut), Stage(devices[1], cut, total)), 0.0, 0.0, 0.0)
 
 
+class OneProcess:
+    """Greedy generation of batch 1 with every unit in this process, one decode step per call (the baseline of
+    `bench_latency`): `start(ids)` runs the prefill, each `step()` the next decode step; `ms` the decode steps'
+    times (ms), `tokens` every token so far."""
+
+    def __init__(self, stages: list, max_len: int):
+        self.stages, self.max_len = stages, max_len
+        self.tokens: list[int] = []
+        self.ms: list[float] = []
+
+    def _forward(self, x: torch.Tensor) -> int:
+        for stage, cache in zip(self.stages, self.caches):
+            x = stage.forward(x, cache)
+        return int(sample_next(x, 0.0, 1.0, None)[0])
+
+    def start(self, ids: list[list[int]]) -> None:
+        self.caches = [s.new_cache(max_len=self.max_len) for s in self.stages]
+        self.tokens, self.ms = [self._forward(torch.tensor(ids))], []
+
+    def step(self) -> None:
+        t0 = time.perf_counter()
+        tok = self._forward(torch.tensor([[self.tokens[-1]]]))
+        self.ms.append((time.perf_counter() - t0) * 1e3)
+        self.tokens.append(tok)
+
+
 def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16, repeats: int = 3,
                   dtype: str = "float32") -> list[dict]:
-    """Per-token latency: 2 local workers vs one process on the same checkpoint, alternating; a row per repeat."""
+    """Per-token decode latency: 2 local workers (units cut in half) vs one process, interleaved step by step.
+
+    Each decode step of the one-process generation runs in the pipeline's `on_token` hook, between two of the
+    pipeline's steps (the workers wait meanwhile), so the two compared steps are tens of milliseconds apart and
+    see the same state of a shared host. Alternating whole generations instead put seconds of host drift
+    between them: on a 2-core VM the same comparison then read 1.02-1.19 even with both halves in one process.
+    A row per repeat: `one_process_ms` and `pipeline_ms` (medians over the decode steps, ms/token), `ratio`
+    (pipeline / one process), `paired_ratio` (median of the per-step ratios), `excess_ms`, `same_tokens`.
+    """
     tb = local_testbed(2, pin=False)
     plan = half_plan(checkpoint, tb.names)
     ids = [[(7 * i) % 200 + 3 for i in range(prompt_len)]]
     threads = max(1, (os.cpu_count() or 1) // 2)
     torch.set_num_threads(threads)  # the one-process baseline gets the threads one worker gets
     total = n_units(load_llama_config(checkpoint).num_hidden_layers)
-    local = build_stages(checkpoint, [(0, total)], dtype=dtype)
-    rows = []
+    one = OneProcess(build_stages(checkpoint, [(0, total)], dtype=dtype), prompt_len + tokens)
     with deploy(plan, tb, checkpoint, dtype=dtype, threads=threads) as dep:
-        dep.generate(ids, 4)  # warm-up
-        generate_split(checkpoint, prompt_ids=ids, max_new_tokens=4, dtype=dtype, stages=local)
-        for r in range(repeats):
-            one = generate_split(checkpoint, prompt_ids=ids, max_new_tokens=tokens, dtype=dtype, stages=local)
-            dist = dep.generate(ids, tokens)
-            one_ms = statistics.median(one.per_token_ms)
-            rows.append({"repeat": r, "one_process_ms": one_ms, "pipeline_ms": dist.summary["per_token_ms"],
-                         "ratio": dist.summary["per_token_ms"] / one_ms,
-                         "excess_ms": dist.summary["per_token_ms"] - one_ms})
+        return interleaved_latency(dep, one, ids, tokens, repeats)
+
+
+def interleaved_latency(dep, one: OneProcess, ids: list[list[int]], tokens: int, repeats: int) -> list[dict]:
+    """`bench_latency`'s measurement on a running deployment `dep` and a one-process baseline `one` of the same
+    checkpoint: a warm-up, then `repeats` generations of `tokens` with every decode step of `one` run in
+    `dep`'s on_token hook (rows as bench_latency describes). KitError when `tokens` < 2 (no decode step)."""
+    if tokens < 2:
+        raise KitError(f"pipeline-latency compares decode steps: tokens must be at least 2, got {tokens}")
+
+    def interleave(rec: dict, toks: list[int]) -> None:
+        if rec["step"] == 0:
+            one.start(ids)  # the prefill: not compared
+        else:
+            one.step()
+
+    rows = []
+    dep.generate(ids, min(4, tokens), on_token=interleave)  # warm-up
+    for r in tqdm(range(repeats), desc="pipeline-latency", unit="repeat"):
+        dist = dep.generate(ids, tokens, on_token=interleave)
+        pipe = {x["step"]: x["latency_ms"] for x in dist.per_token if x["step"] > 0}
+        paired = [pipe[s] / ms for s, ms in enumerate(one.ms, start=1) if s in pipe]
+        one_ms, pipe_ms = statistics.median(one.ms), dist.summary["per_token_ms"]
+        rows.append({"repeat": r, "tokens": tokens, "one_process_ms": one_ms, "pipeline_ms": pipe_ms,
+                     "ratio": pipe_ms / one_ms, "paired_ratio": statistics.median(paired),
+                     "excess_ms": pipe_ms - one_ms, "same_tokens": dist.tokens[0] == one.tokens})
     return rows
 
 

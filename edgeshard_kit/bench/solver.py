@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import statistics
 import time
 
 from edgeshard_kit.core.errors import KitError
@@ -73,7 +74,7 @@ def _row(objective: str, what: str, problem: Problem, times: list[float], plan, 
     value = None if plan is None else round(plan.latency_ms if objective == "latency" else plan.bottleneck_ms, 3)
     return {"objective": objective, "problem": what, "units": problem.n_units,
             "devices": len(problem.devices), "types": len(device_types(problem)),
-            "min_ms": round(times[0], 2), "median_ms": round(times[len(times) // 2], 2),
+            "min_ms": round(times[0], 2), "median_ms": round(statistics.median(times), 2),
             "max_ms": round(times[-1], 2), "plan_devices": None if plan is None else len(plan.devices),
             "value_ms": value, "status": status}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import time
 
 from edgeshard_kit.cli.main import COMMANDS
@@ -13,7 +14,7 @@ def _split_only(args) -> int:
     check = split_check(args.model, args.max_new_tokens, log=print)
     print(format_result(check.result))
     per_token = sorted(check.reference.per_token_ms)
-    median = f"{per_token[len(per_token) // 2]:.2f} ms" if per_token else "n/a"
+    median = f"{statistics.median(per_token):.2f} ms" if per_token else "n/a"
     print(f"one stage gives {'the same' if check.same else 'DIFFERENT'} tokens as the 3-stage split "
           f"(one stage: per token median {median})")
     return 0 if check.same else 1

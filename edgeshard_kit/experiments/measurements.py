@@ -11,6 +11,7 @@ with one-device generation.
 
 from __future__ import annotations
 
+import statistics
 import time
 from contextlib import ExitStack
 from typing import Callable
@@ -110,7 +111,7 @@ def measure_plans(checkpoint, testbed_at, chosen: list[tuple], prompts, referenc
                         stage_rows += [{**r, **tag} for r in got[key][1]]
                         seq = sorted(r["latency_ms"] for r in got[key][0] if r["schedule"] == "sequential")
                         log(f"  {mbps:>7g} Mbps  {name:<22} {format_stages(plan.stages):<40} predicted "
-                            f"{plan.latency_ms:8.2f} ms/token, measured {seq[len(seq) // 2]:8.2f} "
+                            f"{plan.latency_ms:8.2f} ms/token, measured {statistics.median(seq):8.2f} "
                             f"[{seq[0]:.2f}..{seq[-1]:.2f}]")
     bar.close()
     return rows, stage_rows

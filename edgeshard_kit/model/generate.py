@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -262,7 +263,7 @@ def format_result(res: GenerationResult) -> str:
     lines = [f"[{i}] {t!r}  tokens={toks}" for i, (t, toks) in enumerate(zip(res.text, res.tokens))]
     split = ",".join(f"{a}:{b}" for a, b in res.split)
     steps = sorted(res.per_token_ms)
-    med = f"{steps[len(steps) // 2]:.2f} ms" if steps else "n/a"
+    med = f"{statistics.median(steps):.2f} ms" if steps else "n/a"
     lines.append(f"split {split}: prefill {res.prefill_ms:.2f} ms, per token median {med} over {len(steps)} decode steps")
     if res.compiled:
         lines.append(f"compiled decode: {res.compile_s:.1f} s spent compiling (in the first decode step's time)")

@@ -10,7 +10,7 @@ import threading
 import weakref
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -132,14 +132,21 @@ class Deployment:
     def generate(self, prompts: Any, max_new_tokens: int = 16, mode: str = "sequential", micro_batches: int = 1,
                  schedule: str = "no-bubbles", temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
                  attention_mask: torch.Tensor | None = None, chat: bool = False,
-                 stop_at_eos: bool | None = None) -> RunResult:
+                 stop_at_eos: bool | None = None, on_token: Callable[[dict, list[int]], Any] | None = None
+                 ) -> RunResult:
         """Generate up to `max_new_tokens` for prompts (str, list of str, or ids (B,T)) through the chain of workers.
 
         `chat`: each text prompt is a user message put through the checkpoint's chat template (with the
         generation prompt). `stop_at_eos` (default: True for chat prompts, else False): a row that produced
         an EOS id gets the pad id afterwards and a micro-batch whose rows all finished stops, as in
         transformers' generate. Bad arguments raise KitError before anything is sent: the deployment stays usable.
+        `on_token(record, token_ids)`: called on the coordinator as each token arrives (streaming), with the
+        token's per_token record (micro-batch `mb`, `step`, `latency_ms`, ...) and the micro-batch's new ids;
+        a true return stops the run at that token boundary. The time it takes is not in any step's latency
+        (the next step is sent when it returns). Not with an adaptive deployment (KitError).
         """
+        if on_token is not None and self.adaptive is not None:
+            raise KitError("on_token is not available on an adaptive deployment (its re-planning uses the hook)")
         if self.adaptive is not None:  # deployed with adaptive=AdaptivePolicy(...): runtime.adaptive drives the run
             return self.adaptive.generate(self, prompts, max_new_tokens, mode, micro_batches, schedule, temperature,
                                           top_p, seed, attention_mask, chat, stop_at_eos)
@@ -149,7 +156,7 @@ class Deployment:
         try:
             out = self.chain.run_schedule(ids, mask, max_new_tokens, k, schedule,
                                           {"temperature": float(temperature), "top_p": float(top_p), "seed": int(seed)},
-                                          eos_ids, pad_id)
+                                          eos_ids, pad_id, on_token=on_token)
         except BaseException:  # a failed or interrupted run leaves frames in flight: the deployment is done
             self.close()
             raise
