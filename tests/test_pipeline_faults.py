@@ -74,13 +74,15 @@ time.sleep(120)
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
-def test_no_worker_outlives_its_coordinator(ckpt, local_testbed, sig):
+def test_no_worker_outlives_its_coordinator(ckpt, local_testbed, sig, tmp_path):
     import subprocess
     import sys
     from pathlib import Path
 
     code = COORDINATOR.format(tests=str(Path(__file__).parent), ckpt=str(ckpt), testbed=local_testbed(3).to_dict())
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    # TMPDIR: the workers' logs, which a SIGKILLed coordinator leaves for a post-mortem, go with the test's folder
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "TMPDIR": str(tmp_path)})
     try:
         pids = [int(p) for p in proc.stdout.readline().split()]
         assert len(pids) == 3 and all(psutil.pid_exists(p) for p in pids)

@@ -106,7 +106,7 @@ def test_launcher_reports_a_worker_that_cannot_start(tmp_path):
     bad.write_text("#!/bin/sh\necho 'no such module' >&2\nexit 3\n")
     bad.chmod(0o755)
     with pytest.raises(KitError, match="w0 did not start listening"):
-        LocalLauncher(python=str(bad)).start(DEV, new_token())
+        LocalLauncher(python=str(bad), log_dir=str(tmp_path)).start(DEV, new_token())  # the log is kept
 
 
 def test_local_worker_pinned_to_its_cpus():

@@ -26,8 +26,13 @@ def _cmd_demo(args) -> int:
     import pandas as pd
 
     t0 = time.perf_counter()
+
+    def log(line: str) -> None:  # each step with the minutes:seconds since the start: where the time goes
+        m, sec = divmod(int(time.perf_counter() - t0), 60)
+        print(f"[{m:d}:{sec:02d}] {line}", flush=True)
+
     out = demo(demo_config(cloud_mbps=args.cloud_mbps, model_path=args.model), root=args.root,
-               testbed=args.testbed, log=lambda line: print(line, flush=True))
+               testbed=args.testbed, log=log)
     with pd.option_context("display.width", 160, "display.max_columns", 20):
         print("\n" + out.summary.to_string(index=False))
     print("\nmeasured columns: min / median / max of the interleaved repeats; every method at K = "
