@@ -119,18 +119,23 @@ def test_interleaved_latency_compares_the_same_tokens(two_workers, ckpt):
     same greedy tokens as the workers, and every decode step is paired."""
     from transformers import LlamaForCausalLM
 
-    from edgeshard_kit.bench.pipeline import OneProcess, interleaved_latency
+    from edgeshard_kit.bench.pipeline import OneProcess, TwoProcesses, interleaved_latency
     from edgeshard_kit.model.generate import build_stages
 
     ids = [[5, 9, 17, 33]]
     one = OneProcess(build_stages(ckpt, [(0, 6)]), len(ids[0]) + NEW)
-    rows = interleaved_latency(two_workers, one, ids, NEW, repeats=2)
+    floor = TwoProcesses(ckpt, 3, 6, len(ids[0]) + NEW)  # the same halves, two processes, a plain socket
+    try:
+        rows = interleaved_latency(two_workers, one, ids, NEW, repeats=2, floor=floor)
+    finally:
+        floor.close()
+    assert floor.proc.returncode == 0
     model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     ref = model.generate(input_ids=torch.tensor(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          pad_token_id=0)[0, len(ids[0]):].tolist()
-    assert one.tokens == ref and len(one.ms) == NEW - 1
+    assert one.tokens == ref == floor.tokens and len(one.ms) == len(floor.ms) == NEW - 1
     assert [r["same_tokens"] for r in rows] == [True, True]
-    assert all(r["ratio"] > 0 and r["paired_ratio"] > 0 and r["tokens"] == NEW for r in rows)
+    assert all(r["ratio"] > 0 and r["runtime_ratio"] > 0 and r["tokens"] == NEW for r in rows)
     with pytest.raises(KitError, match="at least 2"):
         interleaved_latency(two_workers, one, ids, 1, repeats=1)
 

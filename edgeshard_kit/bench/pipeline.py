@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, n_units
 from edgeshard_kit.model.checkpoint import load_llama_config
 from edgeshard_kit.model.generate import build_stages, sample_next
+from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.planning.build import build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
 from edgeshard_kit.planning.problem import without_fixed_costs
@@ -70,17 +72,107 @@ class OneProcess:
         self.tokens.append(tok)
 
 
+# The floor's second process (`TwoProcesses`): the second half of the units behind a plain loopback socket, with
+# none of the runtime (no frames, no authentication, no threads): raw float32 activations in, a token id out.
+_SECOND_HALF = r"""
+import socket, struct, sys
+import torch
+from edgeshard_kit.model.stage import StageModel
+from edgeshard_kit.model.generate import sample_next
+port, ckpt, start, end, dtype = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+torch.set_num_threads(int(sys.argv[6]))
+model = StageModel(ckpt, start, end, dtype=dtype)
+hidden = model.config.hidden_size
+sock = socket.create_connection(("127.0.0.1", port))
+sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+def read(n):
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if not k:
+            sys.exit(0)
+        got += k
+    return buf
+
+sock.sendall(b"R")
+while True:
+    t = struct.unpack("<q", read(8))[0]
+    if t == 0:
+        cache = model.new_cache()
+        continue
+    x = torch.frombuffer(read(t * hidden * 4), dtype=torch.float32).view(1, t, hidden)
+    tok = int(sample_next(model.forward(x, cache), 0.0, 1.0, None)[0])
+    sock.sendall(struct.pack("<q", tok))
+"""
+
+
+class TwoProcesses(OneProcess):
+    """The floor of any two-process split on this host: the first half of the units here, the second in a child
+    process reached over a plain loopback socket (`_SECOND_HALF`), nothing of the runtime in between; greedy,
+    batch 1, float32 activations. `start`/`step`/`ms`/`tokens` as OneProcess; `close()` ends the child."""
+
+    def __init__(self, checkpoint: str | Path, cut: int, total: int, max_len: int, dtype: str = "float32",
+                 threads: int = 1):
+        super().__init__([StageModel(checkpoint, 0, cut, dtype=dtype)], max_len)
+        server = socket.create_server(("127.0.0.1", 0))
+        server.settimeout(300)
+        self.proc = subprocess.Popen([sys.executable, "-c", _SECOND_HALF, str(server.getsockname()[1]),
+                                      str(checkpoint), str(cut), str(total), dtype, str(threads)])
+        try:
+            self.sock, _ = server.accept()
+        finally:
+            server.close()
+        self.sock.settimeout(300)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.sock.recv(1) != b"R":
+            raise KitError("the floor's second process did not start")
+
+    def _forward(self, x: torch.Tensor) -> int:
+        h = self.stages[0].forward(x, self.caches[0]).to(torch.float32).contiguous()
+        self.sock.sendall(struct.pack("<q", h.shape[1]) + memoryview(h.numpy()).cast("B").tobytes())
+        buf = b""
+        while len(buf) < 8:
+            got = self.sock.recv(8 - len(buf))
+            if not got:
+                raise KitError("the floor's second process ended")
+            buf += got
+        return struct.unpack("<q", buf)[0]
+
+    def start(self, ids: list[list[int]]) -> None:
+        self.sock.sendall(struct.pack("<q", 0))  # a new cache over there
+        super().start(ids)
+
+    def close(self) -> None:
+        self.sock.close()
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _check_tokens(tokens: int) -> None:
+    if tokens < 2:
+        raise KitError(f"pipeline-latency compares decode steps: tokens must be at least 2, got {tokens}")
+
+
 def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16, repeats: int = 3,
-                  dtype: str = "float32") -> list[dict]:
+                  dtype: str = "float32", floor: bool = True) -> list[dict]:
     """Per-token decode latency: 2 local workers (units cut in half) vs one process, interleaved step by step.
 
     Each decode step of the one-process generation runs in the pipeline's `on_token` hook, between two of the
     pipeline's steps (the workers wait meanwhile), so the two compared steps are tens of milliseconds apart and
     see the same state of a shared host. Alternating whole generations instead put seconds of host drift
     between them: on a 2-core VM the same comparison then read 1.02-1.19 even with both halves in one process.
-    A row per repeat: `one_process_ms` and `pipeline_ms` (medians over the decode steps, ms/token), `ratio`
-    (pipeline / one process), `paired_ratio` (median of the per-step ratios), `excess_ms`, `same_tokens`.
+    With `floor`, a third decode runs in the same hook: the same two halves in two processes joined by a plain
+    socket with nothing of the runtime (`TwoProcesses`), the least any two-process split costs on this host.
+    A row per repeat: `one_process_ms`, `pipeline_ms` (and `floor_ms`): medians over the decode steps, ms/token;
+    `ratio` (pipeline / one process), `paired_ratio` (median of the per-step ratios), `excess_ms`,
+    `floor_ratio` (floor / one process), `runtime_ratio` (pipeline / floor), `same_tokens` (all decodes equal).
     """
+    _check_tokens(tokens)  # before any worker starts
     tb = local_testbed(2, pin=False)
     plan = half_plan(checkpoint, tb.names)
     ids = [[(7 * i) % 200 + 3 for i in range(prompt_len)]]
@@ -88,22 +180,30 @@ def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16
     torch.set_num_threads(threads)  # the one-process baseline gets the threads one worker gets
     total = n_units(load_llama_config(checkpoint).num_hidden_layers)
     one = OneProcess(build_stages(checkpoint, [(0, total)], dtype=dtype), prompt_len + tokens)
-    with deploy(plan, tb, checkpoint, dtype=dtype, threads=threads) as dep:
-        return interleaved_latency(dep, one, ids, tokens, repeats)
+    two = TwoProcesses(checkpoint, plan.stages[0].end, total, prompt_len + tokens, dtype, threads) if floor else None
+    try:
+        with deploy(plan, tb, checkpoint, dtype=dtype, threads=threads) as dep:
+            return interleaved_latency(dep, one, ids, tokens, repeats, floor=two)
+    finally:
+        if two is not None:
+            two.close()
 
 
-def interleaved_latency(dep, one: OneProcess, ids: list[list[int]], tokens: int, repeats: int) -> list[dict]:
+def interleaved_latency(dep, one: OneProcess, ids: list[list[int]], tokens: int, repeats: int,
+                        floor: OneProcess | None = None) -> list[dict]:
     """`bench_latency`'s measurement on a running deployment `dep` and a one-process baseline `one` of the same
-    checkpoint: a warm-up, then `repeats` generations of `tokens` with every decode step of `one` run in
-    `dep`'s on_token hook (rows as bench_latency describes). KitError when `tokens` < 2 (no decode step)."""
-    if tokens < 2:
-        raise KitError(f"pipeline-latency compares decode steps: tokens must be at least 2, got {tokens}")
+    checkpoint (and a `floor`, `TwoProcesses`): a warm-up, then `repeats` generations of `tokens` with every
+    decode step of the baselines run in `dep`'s on_token hook, their order swapped every step (rows as
+    bench_latency describes). KitError when `tokens` < 2 (no decode step)."""
+    _check_tokens(tokens)
+    base = [one] + ([floor] if floor is not None else [])
 
     def interleave(rec: dict, toks: list[int]) -> None:
-        if rec["step"] == 0:
-            one.start(ids)  # the prefill: not compared
-        else:
-            one.step()
+        for b in (base if rec["step"] % 2 else base[::-1]):
+            if rec["step"] == 0:
+                b.start(ids)  # the prefill: not compared
+            else:
+                b.step()
 
     rows = []
     dep.generate(ids, min(4, tokens), on_token=interleave)  # warm-up
@@ -112,9 +212,13 @@ def interleaved_latency(dep, one: OneProcess, ids: list[list[int]], tokens: int,
         pipe = {x["step"]: x["latency_ms"] for x in dist.per_token if x["step"] > 0}
         paired = [pipe[s] / ms for s, ms in enumerate(one.ms, start=1) if s in pipe]
         one_ms, pipe_ms = statistics.median(one.ms), dist.summary["per_token_ms"]
-        rows.append({"repeat": r, "tokens": tokens, "one_process_ms": one_ms, "pipeline_ms": pipe_ms,
-                     "ratio": pipe_ms / one_ms, "paired_ratio": statistics.median(paired),
-                     "excess_ms": pipe_ms - one_ms, "same_tokens": dist.tokens[0] == one.tokens})
+        row = {"repeat": r, "tokens": tokens, "one_process_ms": one_ms, "pipeline_ms": pipe_ms,
+               "ratio": pipe_ms / one_ms, "paired_ratio": statistics.median(paired), "excess_ms": pipe_ms - one_ms,
+               "same_tokens": all(dist.tokens[0] == b.tokens for b in base)}
+        if floor is not None:
+            floor_ms = statistics.median(floor.ms)
+            row.update(floor_ms=floor_ms, floor_ratio=floor_ms / one_ms, runtime_ratio=pipe_ms / floor_ms)
+        rows.append(row)
     return rows
 
 

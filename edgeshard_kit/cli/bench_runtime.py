@@ -29,16 +29,23 @@ def cmd_wire(args: argparse.Namespace) -> int:
 
 
 def cmd_latency(args: argparse.Namespace) -> int:
-    rows = bench_latency(args.model, args.tokens, args.prompt_len, args.repeats, args.dtype)
+    rows = bench_latency(args.model, args.tokens, args.prompt_len, args.repeats, args.dtype, floor=args.floor)
     for r in rows:
         print(f"repeat {r['repeat']}: one process {r['one_process_ms']:.2f} ms/token, 2 workers "
-              f"{r['pipeline_ms']:.2f} ms/token, ratio {r['ratio']:.3f} (per-step pairs {r['paired_ratio']:.3f}), "
-              f"same tokens: {r['same_tokens']}")
-    ratios, paired = [r["ratio"] for r in rows], [r["paired_ratio"] for r in rows]
-    print(f"per-token latency ratio (2 local workers / one process, decode steps interleaved), median of "
-          f"{len(rows)} repeats: {statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}); "
-          f"per-step pairs {statistics.median(paired):.3f} ({min(paired):.3f}..{max(paired):.3f})  "
+              f"{r['pipeline_ms']:.2f} ms/token, ratio {r['ratio']:.3f} (per-step pairs {r['paired_ratio']:.3f})"
+              + (f"; 2 processes without the runtime {r['floor_ms']:.2f} ms/token" if "floor_ms" in r else "")
+              + f"; same tokens: {r['same_tokens']}")
+
+    def spread(key: str) -> str:
+        v = [r[key] for r in rows]
+        return f"{statistics.median(v):.3f} ({min(v):.3f}..{max(v):.3f})"
+
+    print(f"per-token latency, 2 local workers / one process, decode steps interleaved, median of {len(rows)} "
+          f"repeats: {spread('ratio')}; per-step pairs {spread('paired_ratio')}  "
           f"[target <= 1.03 on SmolLM2-135M; <= 1.10 when a decode step takes >= 20 ms]")
+    if args.floor:
+        print(f"  2 processes without the runtime (plain socket) / one process: {spread('floor_ratio')}; "
+              f"2 workers / 2 processes without the runtime: {spread('runtime_ratio')} (the runtime's own share)")
     ex = [r["excess_ms"] for r in rows]
     print(f"2 workers - one process, ms per token: median {statistics.median(ex):.2f} (min {min(ex):.2f}, "
           f"max {max(ex):.2f})")
@@ -99,12 +106,15 @@ def cmd_testbed_prediction(args: argparse.Namespace) -> int:
 
 def add_bench_parsers(bench_sub) -> None:
     """Register the runtime's benchmarks under `edgeshard bench`."""
-    p = bench_sub.add_parser("pipeline-latency", help="per-token latency: 2 local workers vs one process, decode steps interleaved")
+    p = bench_sub.add_parser("pipeline-latency",
+                             help="per-token latency: 2 local workers vs one process, decode steps interleaved")
     p.add_argument("--model", required=True, help="Llama checkpoint directory")
     p.add_argument("--tokens", type=int, default=32, help="tokens per run (default 32)")
     p.add_argument("--prompt-len", type=int, default=16, help="prompt tokens (default 16)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
+    p.add_argument("--no-floor", dest="floor", action="store_false",
+                   help="leave out the floor: the same two halves in two processes over a plain socket, no runtime")
     p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
                    help="also calibrate the fixed cost per stage on the 2 workers, in this many interleaved "
                         "windows (default 0: not)")

@@ -142,8 +142,11 @@ class Deployment:
         transformers' generate. Bad arguments raise KitError before anything is sent: the deployment stays usable.
         `on_token(record, token_ids)`: called on the coordinator as each token arrives (streaming), with the
         token's per_token record (micro-batch `mb`, `step`, `latency_ms`, ...) and the micro-batch's new ids;
-        a true return stops the run at that token boundary. The time it takes is not in any step's latency
-        (the next step is sent when it returns). Not with an adaptive deployment (KitError).
+        a true return stops the run at that token boundary (every micro-batch: no further step is sent, those
+        in flight are drained). Its micro-batch's next step is sent when it returns, so in sequential mode its
+        time is in no step's latency (with micro-batches in flight, the tokens that arrive meanwhile wait for it).
+        An exception it raises ends the run like any failure: it reaches the caller and the deployment is closed
+        (frames were in flight). Not with an adaptive deployment (KitError).
         """
         if on_token is not None and self.adaptive is not None:
             raise KitError("on_token is not available on an adaptive deployment (its re-planning uses the hook)")
