@@ -124,12 +124,12 @@ def test_interleaved_latency_compares_the_same_tokens(two_workers, ckpt):
 
     ids = [[5, 9, 17, 33]]
     one = OneProcess(build_stages(ckpt, [(0, 6)]), len(ids[0]) + NEW)
-    floor = TwoProcesses(ckpt, 3, 6, len(ids[0]) + NEW)  # the same halves, two processes, a plain socket
+    floor = TwoProcesses(ckpt, 3, 6, len(ids[0]) + NEW)  # the same halves, two processes, plain sockets
     try:
         rows = interleaved_latency(two_workers, one, ids, NEW, repeats=2, floor=floor)
     finally:
         floor.close()
-    assert floor.proc.returncode == 0
+    assert [p.returncode for p in floor.procs] == [0, 0]
     model = LlamaForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
     ref = model.generate(input_ids=torch.tensor(ids), max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                          pad_token_id=0)[0, len(ids[0]):].tolist()

@@ -19,7 +19,6 @@ from edgeshard_kit.core.errors import KitError
 from edgeshard_kit.core.units import Stage, n_units
 from edgeshard_kit.model.checkpoint import load_llama_config
 from edgeshard_kit.model.generate import build_stages, sample_next
-from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.planning.build import build_problem
 from edgeshard_kit.planning.plan import Plan, make_plan
 from edgeshard_kit.planning.problem import without_fixed_costs
@@ -72,21 +71,27 @@ class OneProcess:
         self.tokens.append(tok)
 
 
-# The floor's second process (`TwoProcesses`): the second half of the units behind a plain loopback socket, with
-# none of the runtime (no frames, no authentication, no threads): raw float32 activations in, a token id out.
-_SECOND_HALF = r"""
+# A process of the floor (`TwoProcesses`): one half of the units behind plain loopback sockets, with none of
+# the runtime (no frames, no authentication, no threads). Role "first": token ids in from the parent, raw float32
+# activations out to the second; "second": activations in, the greedy token id back to the parent. A message is
+# an int64 count t (0: a new request) and t ids or t x hidden float32 values.
+_HALF = r"""
 import socket, struct, sys
 import torch
 from edgeshard_kit.model.stage import StageModel
 from edgeshard_kit.model.generate import sample_next
-port, ckpt, start, end, dtype = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
-torch.set_num_threads(int(sys.argv[6]))
+role, parent, ckpt, start, end, dtype = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4]), \
+    int(sys.argv[5]), sys.argv[6]
+torch.set_num_threads(int(sys.argv[7]))
 model = StageModel(ckpt, start, end, dtype=dtype)
 hidden = model.config.hidden_size
-sock = socket.create_connection(("127.0.0.1", port))
-sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
-def read(n):
+def connect(port):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return s
+
+def read(sock, n):
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
@@ -96,61 +101,96 @@ def read(n):
         got += k
     return buf
 
-sock.sendall(b"R")
+up = connect(parent)
+if role == "second":
+    server = socket.create_server(("127.0.0.1", 0))
+    up.sendall(b"S" + struct.pack("<q", server.getsockname()[1]))
+    inbox, _ = server.accept()
+    inbox.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+else:
+    up.sendall(b"F")
+    inbox, out = up, connect(struct.unpack("<q", read(up, 8))[0])
 while True:
-    t = struct.unpack("<q", read(8))[0]
+    t = struct.unpack("<q", read(inbox, 8))[0]
     if t == 0:
         cache = model.new_cache()
+        if role == "first":
+            out.sendall(struct.pack("<q", 0))
         continue
-    x = torch.frombuffer(read(t * hidden * 4), dtype=torch.float32).view(1, t, hidden)
-    tok = int(sample_next(model.forward(x, cache), 0.0, 1.0, None)[0])
-    sock.sendall(struct.pack("<q", tok))
+    if role == "first":
+        ids = torch.frombuffer(read(inbox, 8 * t), dtype=torch.int64).view(1, t)
+        h = model.forward(ids, cache).to(torch.float32).contiguous()
+        out.sendall(struct.pack("<q", t) + memoryview(h.numpy()).cast("B").tobytes())
+    else:
+        x = torch.frombuffer(read(inbox, 4 * t * hidden), dtype=torch.float32).view(1, t, hidden)
+        up.sendall(struct.pack("<q", int(sample_next(model.forward(x, cache), 0.0, 1.0, None)[0])))
 """
 
 
 class TwoProcesses(OneProcess):
-    """The floor of any two-process split on this host: the first half of the units here, the second in a child
-    process reached over a plain loopback socket (`_SECOND_HALF`), nothing of the runtime in between; greedy,
-    batch 1, float32 activations. `start`/`step`/`ms`/`tokens` as OneProcess; `close()` ends the child."""
+    """The floor of a two-process split on this host, in the pipeline's own topology: this process sends token
+    ids to a first process (units [0, cut)), which sends raw activations to a second ([cut, total)), which sends
+    the greedy token back; plain loopback sockets, nothing of the runtime (`_HALF`). Batch 1; `start`/`step`/
+    `ms`/`tokens` as OneProcess; `close()` ends both processes (KitError when they cannot start)."""
 
     def __init__(self, checkpoint: str | Path, cut: int, total: int, max_len: int, dtype: str = "float32",
                  threads: int = 1):
-        super().__init__([StageModel(checkpoint, 0, cut, dtype=dtype)], max_len)
+        super().__init__([], max_len)
         server = socket.create_server(("127.0.0.1", 0))
-        server.settimeout(300)
-        self.proc = subprocess.Popen([sys.executable, "-c", _SECOND_HALF, str(server.getsockname()[1]),
-                                      str(checkpoint), str(cut), str(total), dtype, str(threads)])
+        server.settimeout(1.0)
+        port = str(server.getsockname()[1])
+        self.procs = [subprocess.Popen([sys.executable, "-c", _HALF, role, port, str(checkpoint), str(a), str(b),
+                                        dtype, str(threads)]) for role, a, b in (("second", cut, total),
+                                                                                  ("first", 0, cut))]
         try:
-            self.sock, _ = server.accept()
+            conns, deadline = {}, time.monotonic() + 300
+            while len(conns) < 2:
+                try:
+                    sock, _ = server.accept()
+                except socket.timeout:
+                    dead = [p.returncode for p in self.procs if p.poll() is not None]
+                    if dead or time.monotonic() > deadline:
+                        raise OSError(f"exit codes {dead}" if dead else "not connected within 300 s") from None
+                    continue
+                sock.settimeout(300)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                conns[sock.recv(1)] = sock
+            self.back, self.feed = conns[b"S"], conns[b"F"]
+            self.feed.sendall(self._read(self.back, 8))  # the second's port, for the first to connect to
+        except (KeyError, OSError) as e:
+            self.close()
+            raise KitError(f"the floor's processes did not start ({e})") from None
         finally:
             server.close()
-        self.sock.settimeout(300)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.sock.recv(1) != b"R":
-            raise KitError("the floor's second process did not start")
+
+    @staticmethod
+    def _read(sock: socket.socket, n: int) -> bytes:
+        buf = b""
+        while len(buf) < n:
+            got = sock.recv(n - len(buf))
+            if not got:
+                raise KitError("a process of the floor ended")
+            buf += got
+        return buf
 
     def _forward(self, x: torch.Tensor) -> int:
-        h = self.stages[0].forward(x, self.caches[0]).to(torch.float32).contiguous()
-        self.sock.sendall(struct.pack("<q", h.shape[1]) + memoryview(h.numpy()).cast("B").tobytes())
-        buf = b""
-        while len(buf) < 8:
-            got = self.sock.recv(8 - len(buf))
-            if not got:
-                raise KitError("the floor's second process ended")
-            buf += got
-        return struct.unpack("<q", buf)[0]
+        self.feed.sendall(struct.pack("<q", x.shape[1]) + x.to(torch.int64).numpy().tobytes())
+        return struct.unpack("<q", self._read(self.back, 8))[0]
 
     def start(self, ids: list[list[int]]) -> None:
-        self.sock.sendall(struct.pack("<q", 0))  # a new cache over there
+        self.feed.sendall(struct.pack("<q", 0))  # new caches over there
         super().start(ids)
 
     def close(self) -> None:
-        self.sock.close()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        for sock in (getattr(self, "feed", None), getattr(self, "back", None)):
+            if sock is not None:
+                sock.close()
+        for proc in self.procs:
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 def _check_tokens(tokens: int) -> None:
@@ -166,8 +206,8 @@ def bench_latency(checkpoint: str | Path, tokens: int = 32, prompt_len: int = 16
     pipeline's steps (the workers wait meanwhile), so the two compared steps are tens of milliseconds apart and
     see the same state of a shared host. Alternating whole generations instead put seconds of host drift
     between them: on a 2-core VM the same comparison then read 1.02-1.19 even with both halves in one process.
-    With `floor`, a third decode runs in the same hook: the same two halves in two processes joined by a plain
-    socket with nothing of the runtime (`TwoProcesses`), the least any two-process split costs on this host.
+    With `floor`, a third decode runs in the same hook: the pipeline's topology with nothing of the runtime (the
+    same two halves in two processes joined by plain sockets, `TwoProcesses`): what two processes cost this host.
     A row per repeat: `one_process_ms`, `pipeline_ms` (and `floor_ms`): medians over the decode steps, ms/token;
     `ratio` (pipeline / one process), `paired_ratio` (median of the per-step ratios), `excess_ms`,
     `floor_ratio` (floor / one process), `runtime_ratio` (pipeline / floor), `same_tokens` (all decodes equal).

@@ -44,7 +44,7 @@ def cmd_latency(args: argparse.Namespace) -> int:
           f"repeats: {spread('ratio')}; per-step pairs {spread('paired_ratio')}  "
           f"[target <= 1.03 on SmolLM2-135M; <= 1.10 when a decode step takes >= 20 ms]")
     if args.floor:
-        print(f"  2 processes without the runtime (plain socket) / one process: {spread('floor_ratio')}; "
+        print(f"  2 processes without the runtime (plain sockets) / one process: {spread('floor_ratio')}; "
               f"2 workers / 2 processes without the runtime: {spread('runtime_ratio')} (the runtime's own share)")
     ex = [r["excess_ms"] for r in rows]
     print(f"2 workers - one process, ms per token: median {statistics.median(ex):.2f} (min {min(ex):.2f}, "
@@ -114,7 +114,7 @@ def add_bench_parsers(bench_sub) -> None:
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default 3)")
     p.add_argument("--dtype", default="float32", choices=DTYPES)
     p.add_argument("--no-floor", dest="floor", action="store_false",
-                   help="leave out the floor: the same two halves in two processes over a plain socket, no runtime")
+                   help="leave out the floor: the same two halves in two processes over plain sockets, no runtime")
     p.add_argument("--calibrate", type=int, default=0, metavar="WINDOWS",
                    help="also calibrate the fixed cost per stage on the 2 workers, in this many interleaved "
                         "windows (default 0: not)")
