@@ -92,6 +92,11 @@ def _cli_hint(tb: Testbed, verb: str) -> str:
     return f"`netns.testbed_{verb}(tb)` for this testbed built in Python (from a file: `edgeshard testbed {verb} FILE`)"
 
 
+def _not_up(tb: Testbed) -> KitError:
+    """The error for a testbed without state (never up, or taken down), naming the command that brings it up."""
+    return KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
+
+
 def _missing_tool() -> str | None:
     """The first command the emulated testbed needs that is not installed, or None."""
     return next((tool for tool in ("ip", "tc", "nsenter", "ssh-keygen") if shutil.which(tool) is None), None)
@@ -167,7 +172,7 @@ def reshape(tb: Testbed) -> None:
     _need_root("reshape")
     state = load_state(tb)
     if state is None:
-        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
+        raise _not_up(tb)
     missing = [d.name for d in tb.devices if d.name not in state.namespaces]
     if missing:
         raise KitError(f"{tb.path or tb.name}: device {missing[0]} is not in the testbed that is up (the inventory "
@@ -366,7 +371,7 @@ def resolve_ssh(tb: Testbed, device: str | Device) -> dict:
                 "python": dev.python}
     state = load_state(tb)
     if state is None or dev.name not in state.addresses:
-        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
+        raise _not_up(tb)
     return {"host": state.addresses[dev.name], "port": 22, "user": "root", "key": state.key,
             "known_hosts": state.known_hosts, "ssh_config": state.ssh_config, "alias": dev.name,
             "namespace": state.namespaces[dev.name], "python": _python(dev)}
@@ -381,7 +386,7 @@ def launch_opts(tb: Testbed) -> dict:
         return {}
     state = load_state(tb)
     if state is None:
-        raise KitError(f"testbed {tb.name} is not up: run {_cli_hint(tb, 'up')} (as root)")
+        raise _not_up(tb)
     opts = {"ssh_config": state.ssh_config, "known_hosts": state.known_hosts}
     pythons = {_python(d) for d in tb.devices}
     if len(pythons) == 1:  # one interpreter for every device (launch opts are per launch kind, not per device)
